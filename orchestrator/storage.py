@@ -1,0 +1,157 @@
+"""One storage root for every artefact: a local absolute path or ``s3://bucket/prefix``.
+
+All access goes through ``pyarrow.fs.FileSystem.from_uri``, which honours ``AWS_ENDPOINT_URL``
+(and ``AWS_ENDPOINT_URL_S3``) so the same code talks to AWS, MinIO or a moto server. Writes are
+atomic per file: locally a file is written under a temporary name and then renamed; an S3 object
+appears whole or not at all. Directory-level atomicity (a stage is complete only when all its
+files are there) is the cache's job: it writes a ``_COMPLETE`` marker last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from lfm_core.errors import ConfigError
+
+S3_SCHEME = "s3://"
+
+
+def check_storage_uri(uri: str) -> str:
+    """Return the storage URI without a trailing slash, or raise ConfigError.
+
+    Raises:
+        ConfigError: when ``uri`` is neither an absolute path nor an ``s3://bucket[/prefix]`` URI.
+    """
+    if uri.startswith(S3_SCHEME):
+        if not uri[len(S3_SCHEME) :].strip("/"):
+            raise ConfigError(f"storage: {uri!r} names no bucket; use s3://bucket/prefix")
+        return uri.rstrip("/")
+    if os.path.isabs(uri):
+        return os.path.normpath(uri)
+    raise ConfigError(f"storage: {uri!r} must be an absolute path or an s3://bucket/prefix URI")
+
+
+class Storage:
+    """Read, write and list files under one root URI.
+
+    Paths given to the methods are relative to the root and use ``/`` separators. The object
+    pickles as its URI, so it can be sent to Ray workers and re-opens the file system there.
+
+    Args:
+        uri: an absolute local path or ``s3://bucket/prefix``.
+    """
+
+    def __init__(self, uri: str) -> None:
+        self.uri = check_storage_uri(uri)
+        if self.is_local:
+            Path(self.uri).mkdir(parents=True, exist_ok=True)
+        self._fs, self._root = pafs.FileSystem.from_uri(self.uri)
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        return (Storage, (self.uri,))
+
+    def __repr__(self) -> str:
+        return f"Storage({self.uri!r})"
+
+    @property
+    def is_local(self) -> bool:
+        """True for a local directory, False for S3."""
+        return not self.uri.startswith(S3_SCHEME)
+
+    def uri_of(self, rel: str) -> str:
+        """The full URI (or absolute path) of ``rel``."""
+        return posixpath.join(self.uri, rel) if rel else self.uri
+
+    def local_path(self, rel: str) -> Path | None:
+        """The local path of ``rel`` when the storage is local, else None."""
+        return Path(self.uri, rel) if self.is_local else None
+
+    def _path(self, rel: str) -> str:
+        return posixpath.join(self._root, rel) if rel else self._root
+
+    def exists(self, rel: str) -> bool:
+        """True when a file or directory exists at ``rel``."""
+        return self._fs.get_file_info(self._path(rel)).type != pafs.FileType.NotFound
+
+    def read_bytes(self, rel: str) -> bytes:
+        """The content of the file at ``rel``.
+
+        Raises:
+            FileNotFoundError: when there is no such file.
+        """
+        try:
+            with self._fs.open_input_stream(self._path(rel)) as stream:
+                return stream.read()
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"no file {self.uri_of(rel)}") from err
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write ``data`` to ``rel`` atomically (readers see the old file or the whole new one)."""
+        path = self._path(rel)
+        parent = posixpath.dirname(path)
+        if parent:
+            self._fs.create_dir(parent, recursive=True)
+        if not self.is_local:
+            with self._fs.open_output_stream(path) as stream:
+                stream.write(data)
+            return
+        # A rename within one directory is atomic on POSIX file systems.
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with self._fs.open_output_stream(tmp) as stream:
+            stream.write(data)
+        self._fs.move(tmp, path)
+
+    def read_text(self, rel: str) -> str:
+        """The UTF-8 text of the file at ``rel``."""
+        return self.read_bytes(rel).decode("utf-8")
+
+    def write_text(self, rel: str, text: str) -> None:
+        """Write UTF-8 ``text`` to ``rel`` atomically."""
+        self.write_bytes(rel, text.encode("utf-8"))
+
+    def read_json(self, rel: str) -> Any:
+        """The parsed JSON file at ``rel``."""
+        return json.loads(self.read_text(rel))
+
+    def write_json(self, rel: str, value: Any) -> None:
+        """Write ``value`` as indented, key-sorted JSON to ``rel`` atomically."""
+        self.write_text(rel, json.dumps(value, indent=2, sort_keys=True))
+
+    def list(self, rel: str) -> list[str]:
+        """Sorted names of the direct children of directory ``rel`` ([] when it does not exist)."""
+        selector = pafs.FileSelector(self._path(rel), allow_not_found=True, recursive=False)
+        return sorted(posixpath.basename(info.path) for info in self._fs.get_file_info(selector))
+
+    def delete(self, rel: str) -> None:
+        """Remove the file or directory tree at ``rel`` if it exists."""
+        info = self._fs.get_file_info(self._path(rel))
+        if info.type == pafs.FileType.Directory:
+            self._fs.delete_dir(info.path)
+        elif info.type == pafs.FileType.File:
+            self._fs.delete_file(info.path)
+
+    def upload_dir(self, local_dir: Path, rel: str) -> None:
+        """Copy every file under ``local_dir`` (recursively) to ``rel``, each write atomic."""
+        for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
+            self.write_bytes(
+                posixpath.join(rel, path.relative_to(local_dir).as_posix()), path.read_bytes()
+            )
+
+    def download_dir(self, rel: str, local_dir: Path) -> None:
+        """Copy every file under ``rel`` (recursively) into ``local_dir``."""
+        root = self._path(rel)
+        selector = pafs.FileSelector(root, allow_not_found=False, recursive=True)
+        for info in self._fs.get_file_info(selector):
+            if info.type != pafs.FileType.File:
+                continue
+            target = Path(local_dir, posixpath.relpath(info.path, root))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with self._fs.open_input_stream(info.path) as stream:
+                target.write_bytes(stream.read())
