@@ -30,6 +30,7 @@ from lfm_core.paths import T_SAMPLING, fm_loss, sample_t
 from lfm_core.velocity import VelocityModel
 
 ReportFn = Callable[[int, dict[str, float], str | None], None]
+LossFn = Callable[..., Tensor]
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
@@ -87,6 +88,7 @@ def train_velocity(
     out_dir: str | Path | None = None,
     resume_from: str | Path | None = None,
     report: ReportFn | None = None,
+    loss_fn: LossFn = fm_loss,
     progress: bool = True,
 ) -> TrainResult:
     """Train `model` by flow matching on `latents`.
@@ -103,6 +105,8 @@ def train_velocity(
         resume_from: a checkpoint folder written by this function to continue from.
         report: called on every rank as report(step, metrics, checkpoint_dir_or_None) every
             cfg.log_every steps and at each checkpoint (the directory only on rank 0).
+        loss_fn: loss_fn(model, x1, x0, t, **cond) -> scalar; the flow-matching loss by default
+            (coarse_to_fine.SeamLoss for seam fine-tuning).
         progress: show a tqdm bar on rank 0.
     """
     accelerator = Accelerator(
@@ -163,7 +167,7 @@ def train_velocity(
             cond["class_labels"] = torch.where(drop, torch.full_like(y, model.null_label), y)
         x0 = torch.randn(data[idx].shape, generator=gen).to(data.device)
         t = sample_t(local_batch, cfg.t_sampling, generator=gen).to(data.device)
-        loss = fm_loss(wrapped, data[idx], x0, t, **cond)
+        loss = loss_fn(wrapped, data[idx], x0, t, **cond)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         if cfg.grad_clip > 0:

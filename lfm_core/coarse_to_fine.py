@@ -1,0 +1,206 @@
+"""Coarse-to-fine sampling: a small velocity model for t < t_split, a large one after.
+
+Stability makes this work: a small model trained on the same data maps noise to nearly the
+same place as the large one, so it can do the early, low-detail part of the trajectory
+(t = 0 noise to t_split) and hand over to the large model for [t_split, 1].
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from lfm_core.errors import ConfigError, check_range
+from lfm_core.paths import interpolate, per_sample_fm_loss
+from lfm_core.solvers import NFECounter, sample, uniform_grid
+from lfm_core.train import TrainConfig, TrainResult, train_velocity
+
+
+class CoarseToFine:
+    """A velocity function: `coarse(x, t)` where t < t_split, `fine(x, t)` where t >= t_split.
+
+    t_split = 0 is the fine model alone, t_split = 1 the coarse model alone (t = 1 included).
+    Rows of one batch may sit on either side (each model then sees only its rows).
+    """
+
+    def __init__(self, coarse: Callable[..., Tensor], fine: Callable[..., Tensor], t_split: float):
+        check_range("t_split", t_split, 0.0, 1.0)
+        self.coarse, self.fine, self.t_split = coarse, fine, t_split
+
+    def __call__(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+        use_coarse = (t < self.t_split) | (self.t_split == 1.0)
+        if bool(use_coarse.all()):
+            return self.coarse(x, t, **cond)
+        if not bool(use_coarse.any()):
+            return self.fine(x, t, **cond)
+        out = torch.empty_like(x)
+        for mask, model in ((use_coarse, self.coarse), (~use_coarse, self.fine)):
+            sub = {k: v[mask] for k, v in cond.items()}
+            out[mask] = model(x[mask], t[mask], **sub).to(out.dtype)
+        return out
+
+
+@dataclass(frozen=True)
+class CoarseToFineResult:
+    """Samples (B, C, H, W) with the work each model did and the wall-clock time."""
+
+    samples: Tensor
+    nfe_coarse: int
+    nfe_fine: int
+    seconds: float
+
+
+def _bind(
+    model: Callable[..., Tensor], cond: dict[str, Tensor]
+) -> Callable[[Tensor, Tensor], Tensor]:
+    return lambda x, t: model(x, t, **cond)
+
+
+@torch.no_grad()
+def sample_coarse_to_fine(
+    coarse: Callable[..., Tensor],
+    fine: Callable[..., Tensor],
+    x_init: Tensor,
+    t_split: float,
+    *,
+    steps: int = 60,
+    method: str = "euler",
+    **cond: Tensor,
+) -> CoarseToFineResult:
+    """Integrate noise x_init (B, C, H, W) from t = 0 to 1, switching models at t_split.
+
+    A whole step belongs to the model of its start time (coarse when it is below t_split), so
+    a two-stage method (midpoint, heun) never mixes models inside one step; `cond` (e.g.
+    class_labels) is passed to both models.
+    """
+    check_range("t_split", t_split, 0.0, 1.0)
+    counted_coarse = NFECounter(_bind(coarse, cond))
+    counted_fine = NFECounter(_bind(fine, cond))
+    grid = uniform_grid(steps)
+    coarse_steps = steps if t_split == 1.0 else int((grid[:-1] < t_split).sum())
+    started = time.perf_counter()
+    x = x_init
+    if coarse_steps:
+        x = sample(counted_coarse, x, grid[: coarse_steps + 1], method)
+    if coarse_steps < steps:
+        x = sample(counted_fine, x, grid[coarse_steps:], method)
+    seconds = time.perf_counter() - started
+    samples = x
+    return CoarseToFineResult(samples, counted_coarse.nfe, counted_fine.nfe, seconds)
+
+
+def forward_flops(model: nn.Module, x: Tensor, **cond: Tensor) -> int:
+    """FLOPs of one forward pass of model on x (B, C, H, W), counted by torch's FlopCounterMode."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x, torch.full((x.shape[0],), 0.5), **cond)
+    return counter.get_total_flops()
+
+
+def flop_speedup_bound(flops_coarse: int, flops_fine: int, nfe_coarse: int, nfe_fine: int) -> float:
+    """The speedup over the fine model alone that FLOP counts allow (same total NFE).
+
+    bound = flops_fine (nfe_coarse + nfe_fine) / (flops_coarse nfe_coarse + flops_fine nfe_fine).
+    """
+    total = flops_coarse * nfe_coarse + flops_fine * nfe_fine
+    return flops_fine * (nfe_coarse + nfe_fine) / total
+
+
+@dataclass(frozen=True)
+class TSplitChoice:
+    """The chosen t_split and the similarity to fine-only samples of every candidate tried."""
+
+    t_split: float
+    similarity: dict[float, float]
+
+
+def choose_t_split(
+    coarse: Callable[..., Tensor],
+    fine: Callable[..., Tensor],
+    x_init: Tensor,
+    *,
+    budget: float = 0.05,
+    candidates: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    features: Callable[[Tensor], Tensor] | None = None,
+    steps: int = 60,
+    method: str = "euler",
+    **cond: Tensor,
+) -> TSplitChoice:
+    """The largest t_split whose samples stay within `budget` of the fine-only samples.
+
+    On a small calibration batch of noise x_init (B, C, H, W), each candidate's samples are
+    compared with the fine-only samples of the same noise by mean cosine similarity of
+    `features(samples)` (default: the flattened latents); a candidate passes when that
+    similarity is at least 1 - budget. Returns 0.0 (fine only) when none passes.
+    """
+    check_range("budget", budget, 0.0, 1.0)
+    for t_split in candidates:
+        check_range("t_split", t_split, 0.0, 1.0)
+    embed = features or (lambda s: s.flatten(1))
+    reference = embed(
+        sample_coarse_to_fine(coarse, fine, x_init, 0.0, steps=steps, method=method, **cond).samples
+    )
+    similarity = {}
+    for t_split in sorted(candidates):
+        out = sample_coarse_to_fine(
+            coarse, fine, x_init, t_split, steps=steps, method=method, **cond
+        )
+        cos = torch.nn.functional.cosine_similarity(
+            embed(out.samples).flatten(1), reference.flatten(1)
+        )
+        similarity[t_split] = cos.mean().item()
+    passing = [t for t, s in similarity.items() if s >= 1 - budget]
+    return TSplitChoice(max(passing, default=0.0), similarity)
+
+
+class SeamLoss:
+    """Fine-tuning loss for the coarse model on [0, t_split) that also matches the fine model.
+
+    loss = FM loss of the coarse model at t ~ U[0, t_split)
+           + weight * || coarse(x_s, s) - fine(x_s, s) ||^2 at s = t_split,
+    so the coarse model's velocity joins the fine model's at the seam where sampling switches.
+    Called as loss(model, x1, x0, t, **cond) with t drawn on [0, 1) and rescaled here.
+    """
+
+    def __init__(self, fine: nn.Module, t_split: float, weight: float = 1.0):
+        check_range("t_split", t_split, 0.0, 1.0, low_open=True)
+        self.fine = fine.eval().requires_grad_(False)
+        self.t_split, self.weight = t_split, weight
+
+    def __call__(
+        self, model: nn.Module, x1: Tensor, x0: Tensor, t: Tensor, **cond: Tensor
+    ) -> Tensor:
+        if t.max() >= 1.0:
+            raise ConfigError("t: SeamLoss expects t in [0, 1)")
+        fm = per_sample_fm_loss(model, x1, x0, t * self.t_split, **cond).mean()
+        seam_t = torch.full_like(t, self.t_split)
+        x_seam = interpolate(x0, x1, seam_t)
+        with torch.no_grad():
+            target = self.fine(x_seam, seam_t, **cond)
+        seam = (model(x_seam, seam_t, **cond) - target).pow(2).flatten(1).mean(1).mean()
+        return fm + self.weight * seam
+
+
+def seam_finetune(
+    coarse: nn.Module,
+    fine: nn.Module,
+    latents: Tensor,
+    t_split: float,
+    cfg: TrainConfig,
+    *,
+    weight: float = 1.0,
+    labels: Tensor | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Fine-tune `coarse` on [0, t_split) of `latents` (N, C, H, W) with SeamLoss against `fine`."""
+    if cfg.t_sampling != "uniform":
+        raise ConfigError(
+            "t_sampling: seam fine-tuning needs 'uniform' (t is rescaled to [0, t_split))"
+        )
+    loss = SeamLoss(fine, t_split, weight)
+    return train_velocity(coarse, latents, cfg, labels=labels, loss_fn=loss, progress=progress)

@@ -1,0 +1,139 @@
+"""Coarse-to-fine sampling: exact identities, NFE split, FLOP bound, t_split choice, seam loss."""
+
+import pytest
+import torch
+
+from lfm_core.coarse_to_fine import (
+    CoarseToFine,
+    SeamLoss,
+    choose_t_split,
+    flop_speedup_bound,
+    forward_flops,
+    sample_coarse_to_fine,
+    seam_finetune,
+)
+from lfm_core.errors import ConfigError
+from lfm_core.solvers import sample, seeded_noise, uniform_grid
+from lfm_core.train import TrainConfig
+from lfm_core.velocity import VelocityConfig, build_velocity
+
+
+def _model(width, seed):
+    torch.manual_seed(seed)
+    model = build_velocity(VelocityConfig(name="dit-xs", in_channels=2, sample_size=4, width=width))
+    for p in model.parameters():  # leave adaLN-Zero's all-zero start so outputs differ
+        p.data.add_(0.02 * torch.randn_like(p))
+    return model.eval()
+
+
+NOISE = seeded_noise(range(6), (2, 4, 4))
+
+
+def test_identical_models_give_single_model_samples_bit_exactly():
+    model = _model(32, 0)
+    single = sample(model, NOISE, uniform_grid(20), "euler")
+    for t_split in (0.0, 0.35, 0.7, 1.0):
+        out = sample_coarse_to_fine(model, model, NOISE, t_split, steps=20)
+        assert torch.equal(out.samples, single)
+
+
+def test_t_split_ends_are_fine_only_and_coarse_only():
+    coarse, fine = _model(16, 1), _model(32, 2)
+    for method in ("euler", "heun"):
+        fine_only = sample(fine, NOISE, uniform_grid(10), method)
+        coarse_only = sample(coarse, NOISE, uniform_grid(10), method)
+        assert torch.equal(
+            sample_coarse_to_fine(coarse, fine, NOISE, 0.0, steps=10, method=method).samples,
+            fine_only,
+        )
+        assert torch.equal(
+            sample_coarse_to_fine(coarse, fine, NOISE, 1.0, steps=10, method=method).samples,
+            coarse_only,
+        )
+    mixed = sample_coarse_to_fine(coarse, fine, NOISE, 0.5, steps=10).samples
+    assert not torch.equal(mixed, fine_only) and not torch.equal(mixed, coarse_only)
+
+
+def test_nfe_split_follows_step_start_times():
+    out = sample_coarse_to_fine(_model(16, 1), _model(32, 2), NOISE, 0.7, steps=60)
+    assert (out.nfe_coarse, out.nfe_fine) == (42, 18)
+    assert out.seconds > 0
+
+
+def test_mixed_batch_routes_rows_to_their_model():
+    calls = []
+
+    def coarse(x, t):
+        calls.append(("coarse", len(x)))
+        return torch.zeros_like(x)
+
+    def fine(x, t):
+        calls.append(("fine", len(x)))
+        return torch.ones_like(x)
+
+    out = CoarseToFine(coarse, fine, 0.5)(torch.zeros(3, 2), torch.tensor([0.1, 0.5, 0.9]))
+    assert torch.equal(out, torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))
+    assert calls == [("coarse", 1), ("fine", 2)]
+
+
+def test_bad_t_split():
+    with pytest.raises(
+        ConfigError, match=r"t_split: 1.5 is outside the allowed range \[0.0, 1.0\]"
+    ):
+        CoarseToFine(_model(16, 1), _model(16, 1), 1.5)
+
+
+def test_flop_bound():
+    small, large = forward_flops(_model(16, 0), NOISE), forward_flops(_model(64, 0), NOISE)
+    assert 0 < small < large
+    assert flop_speedup_bound(small, large, 0, 60) == 1.0
+    assert flop_speedup_bound(1, 8, 42, 18) == pytest.approx(8 * 60 / (42 + 8 * 18))
+    assert flop_speedup_bound(large, large, 42, 18) == 1.0
+
+
+def test_choose_t_split_takes_largest_within_budget():
+    fine = _model(32, 2)
+    same = choose_t_split(fine, fine, NOISE, budget=0.0, steps=10)
+    assert same.t_split == 0.9 and all(
+        s == pytest.approx(1.0, abs=1e-6) for s in same.similarity.values()
+    )
+
+    def drifting(x, t):  # adds a constant offset: the longer it runs, the further it drifts
+        return fine(x, t) + 0.5
+
+    choice = choose_t_split(drifting, fine, NOISE, budget=0.02, steps=10)
+    sims = choice.similarity
+    assert all(sims[a] >= sims[b] for a, b in zip(sorted(sims)[:-1], sorted(sims)[1:], strict=True))
+    assert choice.t_split == max((t for t, s in sims.items() if s >= 0.98), default=0.0)
+    assert choice.t_split < 0.9
+
+
+def test_seam_loss_zero_when_coarse_equals_true_field_and_fine():
+    x1 = torch.ones(4, 2, 4, 4)
+
+    def true_velocity(x, t):
+        return (x1 - x) / (1 - t).reshape(-1, 1, 1, 1)
+
+    fine = torch.nn.Identity()
+    loss = SeamLoss(fine, 0.6)
+    loss.fine = true_velocity
+    x0 = torch.randn(4, 2, 4, 4)
+    assert loss(true_velocity, x1, x0, torch.rand(4)).item() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_seam_finetune_pulls_coarse_towards_fine_at_the_seam():
+    coarse, fine = _model(16, 1), _model(32, 2)
+    latents = torch.randn(64, 2, 4, 4)
+    x0 = torch.randn(16, 2, 4, 4)
+    seam_t = torch.full((16,), 0.7)
+
+    def gap():
+        with torch.no_grad():
+            x = 0.3 * x0 + 0.7 * latents[:16]
+            return (coarse(x, seam_t) - fine(x, seam_t)).pow(2).mean().item()
+
+    before = gap()
+    cfg = TrainConfig(steps=60, batch_size=16, lr=2e-3, warmup_steps=1, ema_decay=0.0)
+    tuned = seam_finetune(coarse, fine, latents, 0.7, cfg, weight=10.0, progress=False).model
+    coarse = tuned
+    assert gap() < 0.5 * before
