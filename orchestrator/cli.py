@@ -1,0 +1,245 @@
+"""The `lfm` command.
+
+    lfm sweep FILE.yaml [key=value ...] [--dry-run] [--resume] [--address ADDR]
+    lfm validate FILE.yaml [key=value ...]
+    lfm train FILE.yaml [key=value ...] [--fraction F --criterion C --width W --seed S]
+    lfm sample FILE.yaml [key=value ...] [--fraction ... --t-split T] --out grid.png
+    lfm report --experiment NAME --out DIR
+
+Sweep files are validated before Ray starts; a bad key, type, value or file is one line on
+stderr and exit status 2. Ray: --address or $RAY_ADDRESS to use a running cluster, else a local
+one. `--dry-run` prints the resolved config, the trials and the stages they need (and which are
+cached already) without starting anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from lfm_core.errors import ConfigError
+from orchestrator.cache import StageRef
+from orchestrator.config import SweepConfig, load_sweep
+from orchestrator.trials import Trial, expand_trials
+
+EXIT_BAD_INPUT = 2
+EXIT_TRIALS_FAILED = 1
+HEADLINE = ("fid", "stability_similarity", "stability_unrelated", "speedup", "train_time_s")
+POINT_STUDY = "cli"
+REPORT_MODULE = "orchestrator.report"
+
+
+def _add_sweep_file(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="sweep file (YAML)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=500")
+
+
+def _add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address", default=None, help="Ray address (default $RAY_ADDRESS, else local)"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print what would run; run nothing")
+
+
+def _add_point(parser: argparse.ArgumentParser, t_split: bool) -> None:
+    parser.add_argument("--fraction", type=float, default=1.0, help="data fraction (default 1)")
+    parser.add_argument("--criterion", default="random", help="scoring criterion (default random)")
+    parser.add_argument("--width", type=int, default=None, help="model width (default model.width)")
+    parser.add_argument("--seed", type=int, default=0, help="subset and training seed (default 0)")
+    if t_split:
+        parser.add_argument(
+            "--t-split", type=float, default=None, help="coarse-to-fine switch time"
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `lfm`."""
+    parser = argparse.ArgumentParser(
+        prog="lfm", description="Latent flow-matching stability sweeps."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sweep = sub.add_parser("sweep", help="run a sweep file on Ray Tune, tracked in MLflow")
+    _add_sweep_file(sweep)
+    _add_address(sweep)
+    sweep.add_argument(
+        "--resume", action="store_true", help="finish the unfinished trials of the last run"
+    )
+
+    validate = sub.add_parser("validate", help="check a sweep file and print the resolved config")
+    _add_sweep_file(validate)
+
+    train = sub.add_parser(
+        "train", help="train (or reuse) one FM model of a sweep file on Ray Train"
+    )
+    _add_sweep_file(train)
+    _add_point(train, t_split=False)
+    _add_address(train)
+
+    sample = sub.add_parser(
+        "sample", help="sample one model (or coarse-to-fine pair) into a PNG grid"
+    )
+    _add_sweep_file(sample)
+    _add_point(sample, t_split=True)
+    _add_address(sample)
+    sample.add_argument("--out", required=True, help="PNG file for the sample grid")
+
+    report = sub.add_parser("report", help="paper tables and plots from an MLflow experiment")
+    report.add_argument("--experiment", required=True, help="MLflow experiment name")
+    report.add_argument("--out", required=True, help="output folder")
+    return parser
+
+
+def _point_config(args: argparse.Namespace) -> tuple[SweepConfig, Trial]:
+    """The sweep config with its search space replaced by the command line's one point.
+
+    The point goes through the same validation as a grid of a sweep file.
+    """
+
+    def value(v: object) -> str:
+        return "null" if v is None else str(v)
+
+    t_split = getattr(args, "t_split", None)
+    point = [
+        f"search.{POINT_STUDY}.data_fraction=[{value(args.fraction)}]",
+        f"search.{POINT_STUDY}.criterion=[{args.criterion}]",
+        f"search.{POINT_STUDY}.width=[{value(args.width)}]",
+        f"search.{POINT_STUDY}.t_split=[{value(t_split)}]",
+        f"search.{POINT_STUDY}.seed=[{value(args.seed)}]",
+    ]
+    cfg = load_sweep(args.file, [*args.overrides, *point])
+    return cfg, Trial(
+        POINT_STUDY, float(args.fraction), args.criterion, args.width, t_split, args.seed
+    )
+
+
+def print_plan(cfg: SweepConfig, trials: Sequence[Trial]) -> None:
+    """The resolved config, the trials and their stages, marking those already cached."""
+    from orchestrator.stages import StageGraph
+    from orchestrator.sweep import cache_for
+
+    print(OmegaConf.to_yaml(OmegaConf.create(cfg.to_dict())), end="")
+    cache = cache_for(cfg)
+    graph = StageGraph(cfg, cache)
+    refs: dict[str, StageRef] = {}
+    users: dict[str, int] = {}
+    print(f"\ntrials ({len(trials)}):")
+    for number, trial in enumerate(trials, 1):
+        stages = graph.stages_of(trial)
+        for ref in stages:
+            refs.setdefault(ref.key, ref)
+            users[ref.key] = users.get(ref.key, 0) + 1
+        print(f"  {number:3d}. {trial.name}  ({len(stages)} stages)")
+    cached = {key for key, ref in refs.items() if cache.is_complete(ref)}
+    print(f"\nstages: {len(refs)} distinct, {len(cached)} cached, under {cfg.storage}/cache")
+    for key, ref in refs.items():
+        status = "cached" if key in cached else "to build"
+        print(f"  {ref.stage:<14} {key[:12]}  {status:<8}  used by {users[key]} trial(s)")
+
+
+def where_to_look(cfg: SweepConfig) -> str:
+    """The closing lines of a sweep: the MLflow UI command and the results folder."""
+    uri = cfg.tracking.uri
+    if uri.startswith(("http://", "https://")):
+        ui = f"open {uri} (experiment {cfg.experiment!r})"
+    else:
+        ui = f"mlflow ui --backend-store-uri {uri} --port 5000, then open http://127.0.0.1:5000 (experiment {cfg.experiment!r})"
+    return f"MLflow: {ui}\nresults folder: {cfg.storage}"
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from orchestrator.sweep import run_sweep
+
+    cfg = load_sweep(args.file, args.overrides)
+    trials = expand_trials(cfg)
+    if args.dry_run:
+        print_plan(cfg, trials)
+        return 0
+    outcome = run_sweep(cfg, resume=args.resume, address=args.address)
+    print(
+        f"\nsweep {cfg.name!r}: {len(outcome.metrics)} trials finished, {len(outcome.errors)} failed, {outcome.seconds:.0f} s"
+    )
+    width = max((len(name) for name in outcome.metrics), default=0)
+    print(f"  {'trial':<{width}}  " + "  ".join(f"{key:>20}" for key in HEADLINE))
+    for name, metrics in sorted(outcome.metrics.items()):
+        row = "  ".join(f"{metrics.get(key, float('nan')):>20.4g}" for key in HEADLINE)
+        print(f"  {name:<{width}}  {row}")
+    for name in outcome.errors:
+        print(f"  FAILED: {name}")
+    print(where_to_look(cfg))
+    return EXIT_TRIALS_FAILED if outcome.errors else 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    cfg = load_sweep(args.file, args.overrides)
+    print(OmegaConf.to_yaml(OmegaConf.create(cfg.to_dict())), end="")
+    print(f"ok: {len(expand_trials(cfg))} trials")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from orchestrator.stages import StageGraph, read_info
+    from orchestrator.sweep import cache_for, init_ray
+
+    cfg, trial = _point_config(args)
+    if args.dry_run:
+        print_plan(cfg, [trial])
+        return 0
+    init_ray(cfg, args.address)
+    graph = StageGraph(cfg, cache_for(cfg))
+    folder = graph.get(graph.trial(trial).model)
+    print(json.dumps(read_info(folder), indent=2, sort_keys=True))
+    print(f"checkpoint: {folder}")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from lfm_core.images import save_grid
+    from orchestrator.stages import StageGraph, read_info
+    from orchestrator.sweep import cache_for, init_ray
+
+    cfg, trial = _point_config(args)
+    if args.dry_run:
+        print_plan(cfg, [trial])
+        return 0
+    init_ray(cfg, args.address)
+    graph = StageGraph(cfg, cache_for(cfg))
+    ref = graph.trial(trial).samples
+    grid = graph.load_samples(ref)["grid"]
+    out = save_grid(grid, Path(args.out))
+    print(json.dumps(read_info(graph.get(ref)), indent=2, sort_keys=True))
+    print(f"samples: {out}")
+    return 0
+
+
+def _report(argv: list[str]) -> int:
+    if importlib.util.find_spec(REPORT_MODULE) is None:
+        raise ConfigError("not available yet: the report lands with issue 5")
+    return importlib.import_module(REPORT_MODULE).main(argv) or 0
+
+
+COMMANDS = {"sweep": _sweep, "validate": _validate, "train": _train, "sample": _sample}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the `lfm` console script; exits with the command's status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    try:
+        if args.command == "report":
+            status = _report(argv[argv.index("report") + 1 :])
+        else:
+            status = COMMANDS[args.command](args)
+    except ConfigError as err:
+        print(f"lfm {args.command}: error: {err}", file=sys.stderr)
+        status = EXIT_BAD_INPUT
+    sys.exit(status)

@@ -1,0 +1,529 @@
+"""Sweep files: typed, frozen sections, loaded with OmegaConf and validated before Ray starts.
+
+A sweep file is YAML over `SweepConfig`. Sections that configure an lfm_core component reuse its
+frozen dataclass (`TrainConfig`; `AutoencoderConfig` plus where to load a pretrained one), so a
+typo or a wrong type is caught by OmegaConf against the same fields lfm_core takes. Loading
+merges, in order: the schema defaults, the file, the file's `profiles.<profile>` block (e.g.
+`profile=paper`) and `key=value` overrides from the command line. Every error is a one-line
+`ConfigError` naming the key and the allowed values.
+
+Search space: `search` maps a study name (e.g. "data_reduction") to a grid over `data_fraction`,
+`criterion`, `width`, `t_split` and `seed`; each axis is a list or `{grid_search: [...]}` (a
+scalar is a one-point axis). The trials are the union of the grids' products.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from yaml import YAMLError
+
+from lfm_core.autoencoder import AutoencoderConfig
+from lfm_core.criteria import CRITERIA
+from lfm_core.data import DATASETS
+from lfm_core.errors import ConfigError, check_choice, check_range
+from lfm_core.solvers import METHODS
+from lfm_core.train import TrainConfig
+from lfm_core.velocity import VELOCITY_SIZES, VelocityConfig, build_velocity
+from orchestrator.storage import check_storage_uri
+
+EMBEDDED_PROFILE = "embedded"
+STORAGE_ENV = "LFM_STORAGE"
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+DEFAULT_RESULTS_DIR = "results"
+GRID_SEARCH = "grid_search"
+AXES = ("data_fraction", "criterion", "width", "t_split", "seed")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """The image data set and how much of it to use.
+
+    Attributes:
+        name: one of lfm_core.data.DATASETS.
+        root: data folder (torchvision sets) or image folder ("folder").
+        image_size: side length for "folder" data sets.
+        limit: use only the first `limit` training images (tiny runs); None: all.
+        heldout_limit: use only the first `heldout_limit` held-out images; None: all.
+        conditional: train class-conditional models (labels used and saved with samples).
+    """
+
+    name: str = "mnist5k"
+    root: str | None = None
+    image_size: int = 32
+    limit: int | None = None
+    heldout_limit: int | None = None
+    conditional: bool = False
+
+
+@dataclass(frozen=True)
+class AutoencoderSection(AutoencoderConfig):
+    """AutoencoderConfig (trained on the training split), or a pretrained one to load.
+
+    Attributes:
+        pretrained: a local folder or hub id (lfm_core.autoencoder.load_autoencoder); when
+            set, nothing is trained and the architecture fields only describe the latent shape.
+        subfolder: the autoencoder's folder inside a pretrained repo (e.g. "vae").
+    """
+
+    pretrained: str | None = None
+    subfolder: str | None = None
+
+    def core(self) -> AutoencoderConfig:
+        """The lfm_core config (this section without the loading fields)."""
+        return AutoencoderConfig(
+            **{f.name: getattr(self, f.name) for f in fields(AutoencoderConfig)}
+        )
+
+    def latent_shape(self) -> tuple[int, int]:
+        """(latent channels, latent side) for images of side `sample_size`."""
+        return self.latent_channels, self.sample_size // 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass(frozen=True)
+class ExtractorSection:
+    """One feature extractor of lfm_core.features.
+
+    Attributes:
+        name: a key of lfm_core.features.FEATURE_EXTRACTORS.
+        path: a local copy of its weights (or another hub id); None: its default source.
+    """
+
+    name: str = "mnist_classifier"
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class FeaturesSection:
+    """Feature extractors: for the clustering criteria, for FID and for stability.
+
+    The paper used CLIP ViT-B/32, Inception-v3 and DINOv2 / ArcFace; the embedded default is
+    one small MNIST classifier for all three.
+    """
+
+    clustering: ExtractorSection = field(default_factory=ExtractorSection)
+    fid: ExtractorSection = field(default_factory=ExtractorSection)
+    stability: ExtractorSection = field(default_factory=ExtractorSection)
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """A velocity network from lfm_core.velocity.VELOCITY_SIZES, at its base width or `width`."""
+
+    name: str = "unet-s"
+    width: int | None = None
+
+
+@dataclass(frozen=True)
+class ReferenceSection:
+    """The reference model: full training data; the fine model of coarse-to-fine trials.
+
+    Attributes:
+        name: a size from VELOCITY_SIZES.
+        width: its width (None: the size's base width).
+        steps: training steps (None: the same as `train.steps`).
+    """
+
+    name: str = "unet-s"
+    width: int | None = None
+    steps: int | None = None
+
+
+@dataclass(frozen=True)
+class ScoringSection:
+    """Inputs of the scoring criteria.
+
+    Attributes:
+        num_clusters: k-means clusters of the clustering criteria (None: lfm_core's default).
+        probe_steps: training steps of the probe model whose per-sample loss / gradient norm
+            scores the "loss" and "grad" criteria (trained on all data, like the paper's early
+            checkpoint).
+        num_noise: size of the noise bank of the scores.
+        batch_size: samples per scoring pass.
+    """
+
+    num_clusters: int | None = None
+    probe_steps: int = 200
+    num_noise: int = 2
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class SamplingSection:
+    """How every model is sampled: sample i starts from the noise of seed `first_seed + i`.
+
+    Attributes:
+        steps: ODE steps from t = 0 to 1.
+        solver: one of lfm_core.solvers.METHODS.
+        num_samples: samples per model (FID, stability and grids use them all).
+        first_seed: noise seed of sample 0.
+        batch_size: samples per forward pass.
+        guidance_scale: classifier-free guidance scale of conditional models (1: none).
+        timing_repeats: repeats of the side-by-side timing behind `speedup` (median kept).
+    """
+
+    steps: int = 20
+    solver: str = "euler"
+    num_samples: int = 500
+    first_seed: int = 0
+    batch_size: int = 250
+    guidance_scale: float = 1.0
+    timing_repeats: int = 3
+
+
+@dataclass(frozen=True)
+class GridSection:
+    """One study's grid: every combination of the axes is a trial.
+
+    `width: null` means `model.width`; `t_split: null` means no coarse-to-fine.
+    """
+
+    data_fraction: list[float] = field(default_factory=lambda: [1.0])
+    criterion: list[str] = field(default_factory=lambda: ["random"])
+    width: list[int | None] = field(default_factory=lambda: [None])
+    t_split: list[float | None] = field(default_factory=lambda: [None])
+    seed: list[int] = field(default_factory=lambda: [0])
+
+
+@dataclass(frozen=True)
+class ResourcesSection:
+    """Cluster resources.
+
+    Attributes:
+        num_workers: Ray Train workers per FM training (DDP).
+        use_gpu: one GPU per worker (nccl) instead of CPU (gloo).
+        cpus_per_worker: CPUs per Ray Train worker.
+        max_concurrent_trials: cap on trials running at once (None: what the cluster fits,
+            each trial needing 1 driver CPU + num_workers * cpus_per_worker).
+        max_failures: Ray Train restarts from the last checkpoint after a worker failure.
+        num_cpus: CPUs of a local Ray started by `lfm` (None: all); ignored with a cluster.
+        checkpoint_every: FM training checkpoint period in steps (0: only at the end).
+        driver_gpus: GPUs of each trial's driver, which builds the non-training stages
+            (autoencoder, features, sampling, metrics); 0 keeps them on its CPU.
+    """
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    driver_gpus: float = 0.0
+    max_concurrent_trials: int | None = None
+    max_failures: int = 2
+    num_cpus: int | None = None
+    checkpoint_every: int = 0
+
+
+@dataclass(frozen=True)
+class TrackingSection:
+    """MLflow. `uri` None: $MLFLOW_TRACKING_URI, else sqlite under the storage folder.
+
+    Attributes:
+        uri: tracking URI (sqlite:///abs/path.db or http://host:port).
+        experiment: experiment name (None: the sweep's name).
+        artifact_location: where a new experiment keeps artefacts (None: <storage>/mlflow).
+    """
+
+    uri: str | None = None
+    experiment: str | None = None
+    artifact_location: str | None = None
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A whole sweep file.
+
+    Attributes:
+        name: the sweep's name (Ray Tune run and default MLflow experiment).
+        profile: "embedded" (the file's defaults) or a name under the file's `profiles`.
+        storage: absolute path or s3://bucket/prefix for cache, checkpoints and artefacts
+            (None: $LFM_STORAGE, else ./results made absolute).
+        cache_wait_timeout_s: how long a trial waits for a stage another trial is building.
+    """
+
+    name: str = "sweep"
+    profile: str = EMBEDDED_PROFILE
+    storage: str | None = None
+    cache_wait_timeout_s: float = 6 * 3600.0
+    data: DataSection = field(default_factory=DataSection)
+    autoencoder: AutoencoderSection = field(default_factory=AutoencoderSection)
+    features: FeaturesSection = field(default_factory=FeaturesSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    reference: ReferenceSection = field(default_factory=ReferenceSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scoring: ScoringSection = field(default_factory=ScoringSection)
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    search: dict[str, GridSection] = field(default_factory=dict)
+    resources: ResourcesSection = field(default_factory=ResourcesSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+
+    @property
+    def experiment(self) -> str:
+        """The MLflow experiment name."""
+        return self.tracking.experiment or self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain JSON values (logged to MLflow, printed by --dry-run)."""
+        return dataclasses.asdict(self)
+
+
+def _schema() -> DictConfig:
+    schema = OmegaConf.structured(SweepConfig)
+    # lfm_core's frozen dataclasses come in read-only; merging needs them writable.
+    OmegaConf.set_readonly(schema, False)
+    return schema
+
+
+def _allowed_keys(full_key: str) -> list[str]:
+    """Field names of the section holding `full_key` (e.g. "train.stepz" -> TrainConfig's)."""
+    node: Any = _schema()
+    parts = full_key.split(".")[:-1]
+    for position, part in enumerate(parts):
+        if part not in node:
+            return []
+        node = node[part]
+        if part == "search" and position + 1 < len(parts):
+            node = OmegaConf.structured(GridSection)
+            break
+    return list(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _one_line(err: OmegaConfBaseException) -> ConfigError:
+    """An OmegaConf error (several lines) as a one-line ConfigError naming the key."""
+    key = getattr(err, "full_key", None) or "config"
+    if isinstance(err, ConfigKeyError):
+        allowed = ", ".join(_allowed_keys(key))
+        return ConfigError(f"{key}: unknown key; allowed: {allowed}")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ConfigError(f"{key}: {first}")
+
+
+def _axis(value: Any) -> Any:
+    """A search axis as a list: `{grid_search: [...]}` and scalars are normalised."""
+    if isinstance(value, DictConfig | dict):
+        if set(value.keys()) != {GRID_SEARCH}:
+            raise ConfigError(
+                f"search axis {dict(value)!r}: use a list or {{{GRID_SEARCH}: [...]}}"
+            )
+        value = value[GRID_SEARCH]
+    if isinstance(value, ListConfig | list):
+        return list(value)
+    return [value]
+
+
+def _normalise_search(layer: DictConfig) -> None:
+    """Rewrite every search axis of one config layer (file, profile or overrides) as a list."""
+    search = layer.get("search") if isinstance(layer, DictConfig) else None
+    if not isinstance(search, DictConfig):
+        return
+    for study, grid in search.items():
+        if not isinstance(grid, DictConfig):
+            raise ConfigError(f"search.{study}: must map axes ({', '.join(AXES)}) to lists")
+        for axis in list(grid.keys()):
+            try:
+                grid[axis] = _axis(grid[axis])
+            except ConfigError as err:
+                raise ConfigError(f"search.{study}.{axis}: {err}") from None
+
+
+def _read_layers(path: Path, overrides: list[str]) -> tuple[DictConfig, DictConfig, DictConfig]:
+    """(file without profiles, the chosen profile block, command-line overrides)."""
+    if not path.is_file():
+        raise ConfigError(f"sweep file not found: {path}")
+    try:
+        loaded = OmegaConf.load(path)
+    except (YAMLError, OmegaConfBaseException) as err:
+        reason = " ".join(str(err).split())
+        raise ConfigError(f"sweep file {path} is not valid YAML: {reason}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"sweep file {path} must hold a mapping of sections")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+    try:
+        cli = OmegaConf.from_dotlist(list(overrides))
+    except (YAMLError, OmegaConfBaseException) as err:
+        raise ConfigError(f"overrides: cannot parse ({' '.join(str(err).split())})") from None
+    profiles = loaded.pop("profiles", None) or OmegaConf.create({})
+    if not isinstance(profiles, DictConfig):
+        raise ConfigError("profiles: must map profile names to config blocks")
+    profile = cli.get("profile") or loaded.get("profile") or EMBEDDED_PROFILE
+    if profile != EMBEDDED_PROFILE and profile not in profiles:
+        raise ConfigError(
+            f"profile: unknown value {profile!r}; allowed: {', '.join([EMBEDDED_PROFILE, *profiles])}"
+        )
+    block = profiles.get(profile) or OmegaConf.create({})
+    layers = (loaded, block, cli)
+    for layer in layers:
+        _normalise_search(layer)
+    block["profile"] = profile
+    return layers
+
+
+def _to_object(merged: DictConfig) -> SweepConfig:
+    """Instantiate the dataclasses; lfm_core's own checks run here, prefixed by their section."""
+    parts: dict[str, Any] = {}
+    for key in merged:
+        node = merged[key]
+        if not isinstance(node, DictConfig):
+            parts[key] = node
+            continue
+        try:
+            parts[key] = OmegaConf.to_object(node)
+        except ConfigError as err:
+            raise ConfigError(f"{key}.{err}") from None
+        except OmegaConfBaseException as err:
+            raise _one_line(err) from None
+    return SweepConfig(**parts)
+
+
+def _check_positive(key: str, value: int | None, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if value is None or value < 1:
+        raise ConfigError(f"{key}: {value!r} must be a positive integer")
+
+
+def _check_model(key: str, name: str, width: int | None, cfg: SweepConfig) -> None:
+    """Build the network on the meta device (no memory): catches any size / width mismatch."""
+    check_choice(f"{key}.name", name, VELOCITY_SIZES)
+    if width is not None:
+        _check_positive(f"{key}.width", width)
+    channels, side = cfg.autoencoder.latent_shape()
+    velocity = VelocityConfig(name=name, in_channels=channels, sample_size=side, width=width)
+    try:
+        with torch.device("meta"):
+            build_velocity(velocity)
+    except ConfigError as err:
+        raise ConfigError(f"{key}.{err}") from None
+
+
+def validate(cfg: SweepConfig) -> None:
+    """Check values the types cannot: names, ranges and combinations.
+
+    Raises:
+        ConfigError: naming the first bad key and its allowed values.
+    """
+    from lfm_core.features import FEATURE_EXTRACTORS
+
+    if not _NAME.fullmatch(cfg.name):
+        raise ConfigError(f"name: {cfg.name!r} must be letters, digits, '_', '.' or '-'")
+    check_choice("data.name", cfg.data.name, DATASETS)
+    _check_positive("data.image_size", cfg.data.image_size)
+    if cfg.data.root is not None and not Path(cfg.data.root).expanduser().exists():
+        raise ConfigError(f"data.root: {cfg.data.root!r} does not exist")
+    _check_positive("data.limit", cfg.data.limit, optional=True)
+    _check_positive("data.heldout_limit", cfg.data.heldout_limit, optional=True)
+    for role in ("clustering", "fid", "stability"):
+        extractor = getattr(cfg.features, role)
+        check_choice(f"features.{role}.name", extractor.name, FEATURE_EXTRACTORS)
+    _check_positive("features.batch_size", cfg.features.batch_size)
+    _check_model("model", cfg.model.name, cfg.model.width, cfg)
+    _check_model("reference", cfg.reference.name, cfg.reference.width, cfg)
+    _check_positive("reference.steps", cfg.reference.steps, optional=True)
+    _check_positive("scoring.num_clusters", cfg.scoring.num_clusters, optional=True)
+    for key in ("probe_steps", "num_noise", "batch_size"):
+        _check_positive(f"scoring.{key}", getattr(cfg.scoring, key))
+    for key in ("steps", "num_samples", "batch_size", "timing_repeats"):
+        _check_positive(f"sampling.{key}", getattr(cfg.sampling, key))
+    if cfg.sampling.num_samples < 2:
+        raise ConfigError(f"sampling.num_samples: {cfg.sampling.num_samples} must be >= 2")
+    check_choice("sampling.solver", cfg.sampling.solver, METHODS)
+    check_range("sampling.first_seed", cfg.sampling.first_seed, 0, math.inf)
+    check_range("sampling.guidance_scale", cfg.sampling.guidance_scale, 0.0, math.inf)
+    _validate_search(cfg)
+    resources = cfg.resources
+    _check_positive("resources.num_workers", resources.num_workers)
+    _check_positive("resources.cpus_per_worker", resources.cpus_per_worker)
+    _check_positive("resources.max_concurrent_trials", resources.max_concurrent_trials, True)
+    _check_positive("resources.num_cpus", resources.num_cpus, optional=True)
+    check_range("resources.max_failures", resources.max_failures, -1, math.inf)
+    check_range("resources.checkpoint_every", resources.checkpoint_every, 0, math.inf)
+    check_range("resources.driver_gpus", resources.driver_gpus, 0.0, math.inf)
+    if cfg.train.batch_size % resources.num_workers:
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} must be divisible by "
+            f"resources.num_workers={resources.num_workers}"
+        )
+    check_range("cache_wait_timeout_s", cfg.cache_wait_timeout_s, 0.0, math.inf, low_open=True)
+    if cfg.storage is not None:
+        check_storage_uri(cfg.storage)
+
+
+def _validate_search(cfg: SweepConfig) -> None:
+    if not cfg.search:
+        raise ConfigError(
+            f"search: at least one study is needed, e.g. search.main.criterion=[random]; axes: {', '.join(AXES)}"
+        )
+    for study, grid in cfg.search.items():
+        if not _NAME.fullmatch(study):
+            raise ConfigError(
+                f"search.{study}: study names must be letters, digits, '_', '.' or '-'"
+            )
+        prefix = f"search.{study}"
+        for axis in AXES:
+            if not getattr(grid, axis):
+                raise ConfigError(f"{prefix}.{axis}: must list at least one value")
+        for value in grid.data_fraction:
+            check_range(f"{prefix}.data_fraction", value, 0.0, 1.0, low_open=True)
+        for value in grid.criterion:
+            check_choice(f"{prefix}.criterion", value, CRITERIA)
+        for value in grid.width:
+            _check_model(prefix, cfg.model.name, value, cfg)
+        for value in grid.t_split:
+            if value is not None:
+                check_range(f"{prefix}.t_split", value, 0.0, 1.0)
+        for value in grid.seed:
+            check_range(f"{prefix}.seed", value, 0, math.inf)
+
+
+def _resolve(cfg: SweepConfig) -> SweepConfig:
+    """Fill the defaults that depend on the environment: absolute storage, tracking URI."""
+    storage = cfg.storage or os.environ.get(STORAGE_ENV) or DEFAULT_RESULTS_DIR
+    if not storage.startswith("s3://"):
+        # Relative paths would land inside Ray's copy of the working dir under `ray job submit`.
+        storage = str(Path(storage).expanduser().resolve())
+    storage = check_storage_uri(storage)
+    uri = os.environ.get(TRACKING_ENV) or cfg.tracking.uri
+    if uri is None:
+        local_root = (
+            storage if not storage.startswith("s3://") else str(Path(DEFAULT_RESULTS_DIR).resolve())
+        )
+        uri = f"sqlite:///{local_root}/mlflow.db"
+    artifacts = cfg.tracking.artifact_location or f"{storage}/mlflow"
+    tracking = dataclasses.replace(cfg.tracking, uri=uri, artifact_location=artifacts)
+    return dataclasses.replace(cfg, storage=storage, tracking=tracking)
+
+
+def load_sweep(
+    path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()
+) -> SweepConfig:
+    """Load, merge, validate and resolve a sweep file.
+
+    Args:
+        path: the YAML sweep file.
+        overrides: `key=value` strings (OmegaConf dot-list), applied last.
+
+    Returns:
+        The frozen, validated SweepConfig with absolute storage and a tracking URI.
+
+    Raises:
+        ConfigError: one line naming the bad key (or file) and the allowed values.
+    """
+    base, profile, cli = _read_layers(Path(path), list(overrides))
+    try:
+        merged = OmegaConf.merge(_schema(), base, profile, cli)
+    except OmegaConfBaseException as err:
+        raise _one_line(err) from None
+    cfg = _to_object(merged)
+    validate(cfg)
+    return _resolve(cfg)

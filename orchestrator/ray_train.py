@@ -1,0 +1,152 @@
+"""Flow-matching training on Ray Train: a `TorchTrainer` whose workers run lfm_core's loop.
+
+Each worker calls `lfm_core.train.train_velocity`, which runs DDP through accelerate whenever a
+torch.distributed process group exists (Ray Train creates one: gloo on CPU, nccl on GPU). The
+loop's `report` callback forwards metrics and checkpoints to `ray.train.report`; a restarted
+worker group (FailureConfig) or a new fit with the same run name continues from
+`ray.train.get_checkpoint()`. lfm_core itself never sees Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lfm_core.checkpoint import load_velocity
+from lfm_core.train import TrainConfig, train_velocity
+from lfm_core.velocity import VelocityConfig, VelocityModel, build_velocity
+from orchestrator.config import ResourcesSection
+
+# (latents (N, C, H, W), labels (N,) or None): called on each worker, so it must be picklable.
+DataFn = Callable[[], tuple[Tensor, Tensor | None]]
+CHECKPOINTS_KEPT = 2
+TRAIN_RUNS_DIR = "ray_train"
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """A trained model (the EMA weights) and what the workers last reported.
+
+    Attributes:
+        ema: the EMA velocity model, on the CPU, in eval mode.
+        metrics: the last report of rank 0: loss, step, world_size, elapsed_s (training time
+            of the last worker-group session).
+    """
+
+    ema: VelocityModel
+    metrics: dict[str, float]
+
+
+def seeded_velocity(config: VelocityConfig, seed: int) -> VelocityModel:
+    """Build a velocity network whose initial weights depend on `seed` alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_velocity(config)
+
+
+@contextlib.contextmanager
+def _restored(checkpoint: Any) -> Iterator[str | None]:
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint.as_directory() as directory:
+        yield directory
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """The per-worker function: load the data, build the model, run lfm_core's loop."""
+    import ray.train
+
+    torch.set_num_threads(config["threads"])
+    context = ray.train.get_context()
+    latents, labels = config["data_fn"]()
+    train_cfg: TrainConfig = config["train"]
+    model = seeded_velocity(config["velocity"], train_cfg.seed)
+    started = time.perf_counter()
+
+    def report(step: int, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        extra = {"elapsed_s": time.perf_counter() - started}
+        ray.train.report({**metrics, **extra}, checkpoint=checkpoint)
+
+    with (
+        tempfile.TemporaryDirectory() as out_dir,
+        _restored(ray.train.get_checkpoint()) as resume_dir,
+    ):
+        train_velocity(
+            model,
+            latents,
+            train_cfg,
+            labels=labels,
+            out_dir=out_dir,
+            resume_from=resume_dir,
+            report=report,
+            progress=context.get_world_rank() == 0,
+        )
+
+
+def fit_velocity(
+    data_fn: DataFn,
+    velocity: VelocityConfig,
+    train: TrainConfig,
+    resources: ResourcesSection,
+    storage_uri: str,
+    run_name: str,
+) -> FitResult:
+    """Train one velocity model with a Ray Train TorchTrainer and return its EMA weights.
+
+    Args:
+        data_fn: returns (latents (N, C, H, W), labels (N,) or None) on each worker.
+        velocity: the network to build (seeded with train.seed, identical on every rank).
+        train: the optimisation settings; train.batch_size is the global batch.
+        resources: workers, CPUs / GPU per worker, failure budget, checkpoint period.
+        storage_uri: the storage root; runs live under <storage>/ray_train/<run_name>.
+        run_name: the run's name; a fit with the same name continues the same run.
+
+    Raises:
+        RuntimeError: the run ended without a checkpoint.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    if resources.checkpoint_every:
+        from dataclasses import replace
+
+        train = replace(train, checkpoint_every=resources.checkpoint_every)
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if resources.use_gpu:
+        per_worker["GPU"] = 1
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "data_fn": data_fn,
+            "velocity": velocity,
+            "train": train,
+            "threads": resources.cpus_per_worker,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=resources.num_workers,
+            use_gpu=resources.use_gpu,
+            resources_per_worker=per_worker,
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=f"{storage_uri}/{TRAIN_RUNS_DIR}",
+            failure_config=ray.train.FailureConfig(max_failures=resources.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run {run_name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        ema = load_velocity(Path(directory), name="ema")
+    return FitResult(ema=ema, metrics=dict(result.metrics or {}))

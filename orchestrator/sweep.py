@@ -1,0 +1,242 @@
+"""Sweeps on Ray Tune: one function trainable (the trial "driver") per point of the grid.
+
+Trial semantics. A trial (data_fraction, criterion, width, t_split, seed):
+- trains the FM model `model.name` at `width` (None: `model.width`) on subset(data_fraction,
+  criterion, seed) of the training latents, with `train` settings and seed `seed`, on Ray Train;
+- samples it from the fixed noise seeds `sampling.first_seed + i`, i < `sampling.num_samples`;
+- `fid`: FID of those samples against the held-out split (features `features.fid`);
+  `precision` / `recall`: k-NN precision and recall against the same held-out features;
+- `stability_similarity`: mean cosine similarity (features `features.stability`) between each
+  sample and the reference model's sample of the same seed, the reference model being trained
+  on the full data at `reference.name` / `reference.width`, with the trial's seed and the same
+  sampling noise; `stability_unrelated`: the same with the pairs shuffled (the baseline);
+  `*_centred`: both after removing the mean feature;
+- when t_split is set: coarse-to-fine sampling with this model as the coarse model for
+  t < t_split and the reference as the fine model; `fid`, `precision`, `recall` and the
+  stability metrics are those of the coarse-to-fine samples, `fid_model` is this model alone,
+  `speedup` = reference-alone sampling time / coarse-to-fine time (measured side by side on
+  one batch, median of `sampling.timing_repeats`), and `flop_speedup` is the FLOP-count bound;
+- when t_split is not set: `speedup` = reference time / this model's time, `flop_speedup` =
+  reference FLOPs / this model's FLOPs per evaluation;
+- `train_time_s`: the Ray Train workers' training time; `sample_time_s`: the time to sample all
+  seeds; `subset_size`; `labels_used`: labels a class-conditional model needed (0 otherwise);
+  `fid_reference`: the reference model alone.
+Trials share every stage they have in common through the cache (one autoencoder, feature
+extractor and reference model per sweep; a data fraction of 1 is one shared model whatever the
+criterion), and a stage built once is reused by later sweeps.
+
+Resources: each trial's driver takes 1 CPU (and `resources.driver_gpus`), its Ray Train workers
+`num_workers * cpus_per_worker` more, so `max_concurrent_trials` is capped by what the cluster
+holds: a 2-CPU machine runs one trial at a time instead of deadlocking.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from orchestrator import tracking
+from orchestrator.cache import StageCache
+from orchestrator.config import SweepConfig
+from orchestrator.locks import lock_actor
+from orchestrator.stages import METRIC_KEYS, StageGraph
+from orchestrator.storage import Storage
+from orchestrator.trials import Trial, expand_trials
+
+log = logging.getLogger(__name__)
+
+TUNE_DIR = "tune"
+SWEEPS_DIR = "sweeps"
+DRIVER_CPUS = 1
+# Local clusters only: the preemption watcher (a spot-instance feature) costs one more actor
+# process per Ray Train run.
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def cache_for(cfg: SweepConfig) -> StageCache:
+    """The stage cache under the sweep's storage."""
+    return StageCache(Storage(cfg.storage), wait_timeout_s=cfg.cache_wait_timeout_s)
+
+
+def init_ray(cfg: SweepConfig, address: str | None = None) -> bool:
+    """Connect to `address` / $RAY_ADDRESS, or start a local Ray; returns True when local.
+
+    An already initialised Ray (a notebook, a test, a job's driver) is used as it is.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return False
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    ray.init(num_cpus=cfg.resources.num_cpus, include_dashboard=False)
+    return True
+
+
+def max_concurrent_trials(cfg: SweepConfig, cluster: dict[str, float]) -> int:
+    """Trials that fit side by side: 1 driver CPU + the Ray Train workers' CPUs (and GPUs) each.
+
+    Args:
+        cluster: the cluster's total resources, e.g. ray.cluster_resources().
+    """
+    res = cfg.resources
+    per_trial_cpus = DRIVER_CPUS + res.num_workers * res.cpus_per_worker
+    fit = int(cluster.get("CPU", 0) // per_trial_cpus)
+    if res.use_gpu or res.driver_gpus:
+        per_trial_gpus = res.driver_gpus + (res.num_workers if res.use_gpu else 0)
+        fit = min(fit, int(cluster.get("GPU", 0) // per_trial_gpus))
+    fit = max(1, fit)
+    return min(fit, res.max_concurrent_trials) if res.max_concurrent_trials else fit
+
+
+def check_fits(cfg: SweepConfig, cluster: dict[str, float]) -> None:
+    """On a fixed-size (local) cluster, refuse a trial that could never be scheduled."""
+    from lfm_core.errors import ConfigError
+
+    res = cfg.resources
+    cpus = DRIVER_CPUS + res.num_workers * res.cpus_per_worker
+    gpus = res.driver_gpus + (res.num_workers if res.use_gpu else 0)
+    if cpus > cluster.get("CPU", 0) or gpus > cluster.get("GPU", 0):
+        raise ConfigError(
+            f"resources: a trial needs {cpus} CPUs and {gpus:g} GPUs (1 driver + num_workers="
+            f"{res.num_workers} x cpus_per_worker={res.cpus_per_worker}) but this Ray has "
+            f"{cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs"
+        )
+
+
+def trial_driver(
+    config: dict[str, Any], *, cfg: SweepConfig, experiment_id: str, parent_id: str
+) -> None:
+    """Ray Tune function trainable: build or reuse the trial's stages, log it, report metrics."""
+    from ray import tune
+
+    torch.set_num_threads(DRIVER_CPUS)
+    trial = Trial(**config["trial"])
+    graph = StageGraph(cfg, cache_for(cfg))
+    run_id = tracking.child_run(cfg, experiment_id, parent_id, trial)
+    try:
+        metrics = graph.metrics(trial)
+        refs = graph.trial(trial)
+        tracking.finish_child(
+            cfg,
+            run_id,
+            metrics,
+            graph.load_samples(refs.samples)["grid"],
+            graph.load_samples(refs.reference_samples)["grid"],
+        )
+    except BaseException:
+        tracking.fail_child(cfg, run_id)
+        raise
+    tune.report(metrics)
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    """What a sweep invocation did.
+
+    Attributes:
+        experiment_id, parent_run_id: where MLflow holds it.
+        metrics: trial name -> its metrics (finished trials only).
+        errors: names of trials that raised.
+        seconds: wall-clock time of the invocation.
+    """
+
+    experiment_id: str
+    parent_run_id: str
+    metrics: dict[str, dict[str, float]]
+    errors: list[str]
+    seconds: float
+
+
+def _tuner(
+    cfg: SweepConfig, trials: list[Trial], experiment_id: str, parent_id: str, resume: bool
+) -> Any:
+    import ray
+    from ray import tune
+
+    storage = Storage(cfg.storage)
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            trial_driver, cfg=cfg, experiment_id=experiment_id, parent_id=parent_id
+        ),
+        {"cpu": DRIVER_CPUS, "gpu": cfg.resources.driver_gpus},
+    )
+    path = storage.uri_of(f"{TUNE_DIR}/{cfg.name}")
+    if resume:
+        # Finished trials keep their results; unfinished and errored ones run again.
+        return tune.Tuner.restore(path, trainable=trainable, restart_errored=True)
+    return tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search([t.to_dict() for t in trials])},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=max_concurrent_trials(cfg, ray.cluster_resources()),
+            reuse_actors=True,  # trial drivers keep their imports (torch, lfm_core, mlflow)
+            trial_name_creator=lambda t: Trial(**t.config["trial"]).name,
+            trial_dirname_creator=lambda t: f"{Trial(**t.config['trial']).name}-{t.trial_id}",
+        ),
+        run_config=tune.RunConfig(name=cfg.name, storage_path=storage.uri_of(TUNE_DIR)),
+    )
+
+
+def can_resume(cfg: SweepConfig) -> bool:
+    """True when the sweep has a Tune state to restore and a parent run to continue."""
+    from ray import tune
+
+    storage = Storage(cfg.storage)
+    return storage.exists(f"{SWEEPS_DIR}/{cfg.name}/parent_run.json") and tune.Tuner.can_restore(
+        storage.uri_of(f"{TUNE_DIR}/{cfg.name}")
+    )
+
+
+def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None) -> SweepOutcome:
+    """Run (or with resume=True, finish) a sweep on Ray Tune and track it in MLflow.
+
+    Raises:
+        ConfigError: resume without anything to resume, or trials that cannot fit the cluster.
+    """
+    import ray
+
+    from lfm_core.errors import ConfigError
+
+    started = time.perf_counter()
+    trials = expand_trials(cfg)
+    storage = Storage(cfg.storage)
+    if resume and not can_resume(cfg):
+        raise ConfigError(f"--resume: no earlier run of sweep {cfg.name!r} under {cfg.storage}")
+    local = init_ray(cfg, address)
+    if local:
+        check_fits(cfg, ray.cluster_resources())
+    lock_actor()  # created by this driver before any trial asks for it
+    experiment_id = tracking.ensure_experiment(cfg)
+    state = f"{SWEEPS_DIR}/{cfg.name}/parent_run.json"
+    if resume:
+        parent_id = storage.read_json(state)["parent_run_id"]
+        tracking.reopen(cfg, parent_id)
+    else:
+        parent_id = tracking.start_parent(cfg, experiment_id, len(trials))
+        storage.write_json(state, {"parent_run_id": parent_id, "experiment_id": experiment_id})
+    failed = True
+    try:
+        results = _tuner(cfg, trials, experiment_id, parent_id, resume).fit()
+        failed = results.num_errors > 0
+    finally:
+        tracking.close_parent(cfg, experiment_id, parent_id, failed)
+    metrics, errors = {}, []
+    for result in results:
+        # A trial whose actor never started has no config: name it by its folder.
+        name = Trial(**result.config["trial"]).name if result.config else Path(result.path).name
+        if result.error is not None:
+            errors.append(name)
+        else:
+            metrics[name] = {k: v for k, v in (result.metrics or {}).items() if k in METRIC_KEYS}
+    return SweepOutcome(experiment_id, parent_id, metrics, errors, time.perf_counter() - started)
