@@ -1,0 +1,389 @@
+"""Feature extractors: images (N, C, H, W) in [-1, 1] -> embeddings (N, D), one interface.
+
+`build_feature_extractor(name)` with name in FEATURE_EXTRACTORS:
+- "mnist_classifier" (default, offline): a small CNN trained here on the mnist5k train split;
+  its 128-d penultimate (post-ReLU) layer is the feature. Cached as a checkpoint folder with
+  the held-out accuracy in its config.
+- "dinov2": DINOv2 CLS token (the paper's stability features on ImageNet).
+- "clip": CLIP ViT-B/32 image embeddings (the paper's clustering features).
+- "inception": the FID Inception-v3 pool features via torchmetrics / torch-fidelity.
+Hub models need transformers (the `hub` extra) and downloaded weights; when either is missing
+the builder raises a one-line ConfigError that names the model and what to do.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from lfm_core.checkpoint import CONFIG_FILE, load_config, load_into, load_state, save_checkpoint
+from lfm_core.data import load_dataset
+from lfm_core.errors import ConfigError, check_choice
+
+FEATURE_BATCH_SIZE = 256
+DEFAULT_CACHE_DIR = Path("~/.cache/lfm/features")
+MNIST_CLASSIFIER_DIR = "mnist_classifier"
+DINOV2_ID = "facebook/dinov2-small"
+DINOV2_RESOLUTION = 224  # the paper resizes to 224 for DINOv2 (evaluate_dino_similarity.py)
+CLIP_ID = "openai/clip-vit-base-patch32"
+INCEPTION_DIM = 2048  # pool3 features, the standard FID layer
+UINT8_MAX = 255.0
+
+
+class FeatureExtractor(nn.Module, ABC):
+    """Batched, gradient-free embedding of images in [-1, 1].
+
+    Subclasses implement `embed` for one batch. `num_features` (= dim) lets torchmetrics'
+    FrechetInceptionDistance(feature=extractor) size its state without a probe image.
+
+    Attributes:
+        name: registry name. dim: feature dimension D. batch_size: images per forward pass.
+    """
+
+    def __init__(self, name: str, dim: int, batch_size: int = FEATURE_BATCH_SIZE):
+        super().__init__()
+        self.name, self.dim, self.batch_size = name, dim, batch_size
+
+    @property
+    def num_features(self) -> int:
+        return self.dim
+
+    @abstractmethod
+    def embed(self, images: Tensor) -> Tensor:
+        """One batch: (B, C, H, W) in [-1, 1] on the extractor's device -> (B, D)."""
+
+    @torch.no_grad()
+    def forward(self, images: Tensor, progress: bool = False) -> Tensor:
+        """Embed images (N, C, H, W) in [-1, 1] batch by batch -> (N, D) float32 on the CPU."""
+        if images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise ConfigError(
+                f"{self.name}: expected images (N, 1 or 3, H, W), got {tuple(images.shape)}"
+            )
+        device = next(self.parameters()).device
+        batches = tqdm(
+            images.split(self.batch_size), desc=f"{self.name} features", disable=not progress
+        )
+        return torch.cat([self.embed(batch.to(device)).float().cpu() for batch in batches])
+
+
+def to_unit_rgb(images: Tensor, size: int) -> Tensor:
+    """[-1, 1] (N, 1 or 3, H, W) -> [0, 1] (N, 3, size, size): gray to RGB, bicubic resize."""
+    x = (images.float().clamp(-1, 1) + 1) / 2
+    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
+
+
+# ---- embedded default: a small CNN classifier -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """A small two-conv CNN; `feature_dim` is the width of the penultimate (feature) layer."""
+
+    in_channels: int = 1
+    num_classes: int = 10
+    width: int = 16
+    feature_dim: int = 128
+    pooled_side: int = 8  # spatial side before the feature layer (32 / 4 for mnist5k)
+    dropout: float = 0.3  # before the head only: the features themselves are deterministic
+
+
+class DigitClassifier(nn.Module):
+    """(conv-bn-relu-maxpool) x2 -> linear-relu (the feature) -> dropout -> linear (logits)."""
+
+    def __init__(self, config: ClassifierConfig):
+        super().__init__()
+        self.config = config
+        w = config.width
+        self.body = nn.Sequential(
+            nn.Conv2d(config.in_channels, w, 3, padding=1),
+            nn.BatchNorm2d(w),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.BatchNorm2d(2 * w),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            # Any input size maps to the same feature layer (identity for 32 x 32 inputs).
+            nn.AdaptiveAvgPool2d(config.pooled_side),
+            nn.Flatten(),
+            nn.Linear(2 * w * config.pooled_side**2, config.feature_dim),
+            nn.ReLU(),
+        )
+        self.head = nn.Sequential(
+            nn.Dropout(config.dropout), nn.Linear(config.feature_dim, config.num_classes)
+        )
+
+    def features(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) in [-1, 1] -> (B, feature_dim), non-negative."""
+        return self.body(images)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.features(images))
+
+
+@dataclass(frozen=True)
+class ClassifierTraining:
+    """Adam with a one-cycle schedule; light augmentation: random shifts and rotations."""
+
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float = 3e-3
+    max_shift: int = 2  # pixels
+    max_rotation: float = 10.0  # degrees
+
+
+def _augment(images: Tensor, cfg: ClassifierTraining, generator: torch.Generator) -> Tensor:
+    """Rotate and translate each image at random, filling with the border (the background)."""
+    n, _, h, w = images.shape
+    angle = (2 * torch.rand(n, generator=generator) - 1) * math.radians(cfg.max_rotation)
+    cos, sin = angle.cos(), angle.sin()
+    shift = torch.randint(-cfg.max_shift, cfg.max_shift + 1, (n, 2), generator=generator)
+    # affine_grid works in [-1, 1] units: one pixel is 2 / side.
+    shift = shift.float() * 2 / torch.tensor([w, h])
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+    )
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, padding_mode="border", align_corners=False)
+
+
+def train_classifier(
+    images: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    epochs: int = ClassifierTraining.epochs,
+    seed: int = 0,
+    progress: bool = True,
+) -> DigitClassifier:
+    """Train a DigitClassifier on images (N, C, H, W) in [-1, 1] with labels (N,)."""
+    cfg = ClassifierTraining(epochs=epochs)
+    generator = torch.Generator().manual_seed(seed)
+    steps = epochs * math.ceil(len(images) / cfg.batch_size)
+    # Initialisation and dropout draw from the global generator: seed it without leaking out.
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = DigitClassifier(
+            ClassifierConfig(in_channels=images.shape[1], num_classes=num_classes)
+        )
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=steps)
+        model.train()
+        for _ in tqdm(range(epochs), desc="classifier epochs", disable=not progress):
+            for batch in torch.randperm(len(images), generator=generator).split(cfg.batch_size):
+                x = _augment(images[batch], cfg, generator)
+                loss = F.cross_entropy(model(x), labels[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def classifier_accuracy(model: DigitClassifier, images: Tensor, labels: Tensor) -> float:
+    """Top-1 accuracy of model on images (N, C, H, W) with labels (N,)."""
+    model.eval()
+    predictions = torch.cat([model(x).argmax(1) for x in images.split(FEATURE_BATCH_SIZE)])
+    return (predictions == labels).double().mean().item()
+
+
+class ClassifierFeatures(FeatureExtractor):
+    """Penultimate-layer features of a DigitClassifier.
+
+    Attributes:
+        classifier: the network. heldout_accuracy: its accuracy on the held-out split.
+    """
+
+    def __init__(self, classifier: DigitClassifier, heldout_accuracy: float):
+        super().__init__("mnist_classifier", classifier.config.feature_dim)
+        self.classifier = classifier.eval().requires_grad_(False)
+        self.heldout_accuracy = heldout_accuracy
+
+    def embed(self, images: Tensor) -> Tensor:
+        return self.classifier.features(images)
+
+
+def load_classifier_features(directory: str | Path) -> ClassifierFeatures:
+    """Load a classifier checkpoint folder written by `load_or_train_mnist_classifier`."""
+    config = load_config(directory)
+    model = DigitClassifier(ClassifierConfig(**config["classifier"]))
+    load_into(model, load_state(directory, "classifier"), directory)
+    return ClassifierFeatures(model, config["heldout_accuracy"])
+
+
+def load_or_train_mnist_classifier(
+    cache_dir: str | Path, seed: int = 0, progress: bool = True
+) -> ClassifierFeatures:
+    """The mnist5k classifier's features, from `<cache_dir>/mnist_classifier` or trained now.
+
+    Training uses the train split (4,000 digits); the accuracy on the held-out split (1,000)
+    is measured and saved in the checkpoint's config next to the weights.
+    """
+    directory = Path(cache_dir).expanduser() / MNIST_CLASSIFIER_DIR
+    # config.json is written last: a folder without it is an interrupted save, so retrain.
+    if (directory / CONFIG_FILE).is_file():
+        return load_classifier_features(directory)
+    train, heldout = load_dataset("mnist5k", "train"), load_dataset("mnist5k", "heldout")
+    model = train_classifier(
+        train.images, train.labels, train.num_classes, seed=seed, progress=progress
+    )
+    accuracy = classifier_accuracy(model, heldout.images, heldout.labels)
+    config = {
+        "classifier": asdict(model.config),
+        "training": {**asdict(ClassifierTraining()), "seed": seed, "dataset": "mnist5k"},
+        "heldout_accuracy": accuracy,
+    }
+    save_checkpoint(directory, {"classifier": model}, config)
+    return ClassifierFeatures(model, accuracy)
+
+
+# ---- hub models -------------------------------------------------------------------------------
+
+
+def _from_pretrained(
+    name: str, class_name: str, model_id: str, cache_dir: str | Path | None
+) -> Any:
+    """transformers.<class_name>.from_pretrained(model_id), failures as one-line ConfigErrors."""
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError(
+            f"{name}: {model_id!r} needs transformers: pip install 'lfm-stability[hub]'"
+        ) from None
+    try:
+        model = getattr(transformers, class_name).from_pretrained(model_id, cache_dir=cache_dir)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"{name}: cannot load {model_id!r} ({reason}); download it with "
+            f"`hf download {model_id}` while online, or pass path= a local copy"
+        ) from None
+    return model.eval().requires_grad_(False)
+
+
+class _NormalisedHubFeatures(FeatureExtractor):
+    """A transformers vision model fed RGB resized to `resolution`, normalised by mean / std."""
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, name: str, dim: int, model: nn.Module, resolution: int, mean, std):
+        super().__init__(name, dim)
+        self.model, self.resolution = model, resolution
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def pixels(self, images: Tensor) -> Tensor:
+        return (to_unit_rgb(images, self.resolution) - self.mean) / self.std
+
+
+class DinoV2Features(_NormalisedHubFeatures):
+    """DINOv2 CLS token after the final layer norm (`pooler_output`), D = hidden_size."""
+
+    def __init__(self, model_id: str = DINOV2_ID, cache_dir: str | Path | None = None):
+        from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+        model = _from_pretrained("dinov2", "AutoModel", model_id, cache_dir)
+        dim = model.config.hidden_size
+        super().__init__(
+            "dinov2", dim, model, DINOV2_RESOLUTION, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        )
+
+    def embed(self, images: Tensor) -> Tensor:
+        return self.model(pixel_values=self.pixels(images)).pooler_output
+
+
+class ClipFeatures(_NormalisedHubFeatures):
+    """CLIP image embeddings (after the projection), D = projection_dim, at the model's size."""
+
+    def __init__(self, model_id: str = CLIP_ID, cache_dir: str | Path | None = None):
+        from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+        model = _from_pretrained("clip", "CLIPVisionModelWithProjection", model_id, cache_dir)
+        dim, size = model.config.projection_dim, model.config.image_size
+        super().__init__("clip", dim, model, size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+
+    def embed(self, images: Tensor) -> Tensor:
+        return self.model(pixel_values=self.pixels(images)).image_embeds
+
+
+class InceptionFeatures(FeatureExtractor):
+    """FID Inception-v3 pool features (D = 2048) through torchmetrics' NoTrainInceptionV3.
+
+    Needs torch-fidelity and its Inception weights (downloaded on first use, or a local file).
+    """
+
+    def __init__(self, weights_path: str | Path | None = None):
+        from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
+        if not _TORCH_FIDELITY_AVAILABLE:
+            raise ConfigError("inception: needs torch-fidelity: pip install torch-fidelity")
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        try:
+            net = NoTrainInceptionV3(
+                name="inception-v3-compat",
+                features_list=[str(INCEPTION_DIM)],
+                feature_extractor_weights_path=None if weights_path is None else str(weights_path),
+            )
+        except (OSError, RuntimeError) as err:
+            raise ConfigError(
+                f"inception: cannot load the FID Inception weights ({type(err).__name__}); "
+                "download pt_inception-2015-12-05 while online and pass path= the file"
+            ) from None
+        super().__init__("inception", INCEPTION_DIM)
+        self.net = net
+
+    def embed(self, images: Tensor) -> Tensor:
+        # The FID network takes uint8 RGB and resizes to 299 itself.
+        rgb = (
+            images.clamp(-1, 1).expand(-1, 3, -1, -1)
+            if images.shape[1] == 1
+            else images.clamp(-1, 1)
+        )
+        return self.net(((rgb + 1) * UINT8_MAX / 2).round().to(torch.uint8))
+
+
+# ---- registry ---------------------------------------------------------------------------------
+
+Builder = Callable[[str | Path | None, str | Path | None], FeatureExtractor]
+
+
+def _mnist_classifier(cache_dir: str | Path | None, path: str | Path | None) -> FeatureExtractor:
+    if path is not None:
+        return load_classifier_features(path)
+    return load_or_train_mnist_classifier(DEFAULT_CACHE_DIR if cache_dir is None else cache_dir)
+
+
+FEATURE_EXTRACTORS: dict[str, Builder] = {
+    "mnist_classifier": _mnist_classifier,
+    "dinov2": lambda cache_dir, path: DinoV2Features(str(path or DINOV2_ID), cache_dir),
+    "clip": lambda cache_dir, path: ClipFeatures(str(path or CLIP_ID), cache_dir),
+    "inception": lambda cache_dir, path: InceptionFeatures(path),
+}
+
+
+def build_feature_extractor(
+    name: str, cache_dir: str | Path | None = None, path: str | Path | None = None
+) -> FeatureExtractor:
+    """Build a feature extractor by registry name.
+
+    Args:
+        name: one of FEATURE_EXTRACTORS.
+        cache_dir: where the mnist classifier is cached (default ~/.cache/lfm/features) and the
+            transformers download cache for hub models.
+        path: a local copy of the model: a classifier checkpoint folder, a saved transformers
+            model folder (or another hub id), or the Inception weights file.
+    """
+    check_choice("feature_extractor", name, FEATURE_EXTRACTORS)
+    return FEATURE_EXTRACTORS[name](cache_dir, path)
