@@ -41,6 +41,7 @@ STORAGE_ENV = "LFM_STORAGE"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 DEFAULT_RESULTS_DIR = "results"
 GRID_SEARCH = "grid_search"
+LOCAL_PATH_PREFIXES = ("/", ".", "~")
 AXES = ("data_fraction", "criterion", "width", "t_split", "seed")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -211,12 +212,16 @@ class ResourcesSection:
         checkpoint_every: FM training checkpoint period in steps (0: only at the end).
         driver_gpus: GPUs of each trial's driver, which builds the non-training stages
             (autoencoder, features, sampling, metrics); 0 keeps them on its CPU.
+        torch_threads: torch threads of each Ray Train worker (None: cpus_per_worker). A
+            trial's driver idles while its workers train, so on a machine that runs one trial
+            at a time the workers may use the driver's CPU too.
     """
 
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: int = 1
     driver_gpus: float = 0.0
+    torch_threads: int | None = None
     max_concurrent_trials: int | None = None
     max_failures: int = 2
     num_cpus: int | None = None
@@ -419,8 +424,6 @@ def validate(cfg: SweepConfig) -> None:
         raise ConfigError(f"name: {cfg.name!r} must be letters, digits, '_', '.' or '-'")
     check_choice("data.name", cfg.data.name, DATASETS)
     _check_positive("data.image_size", cfg.data.image_size)
-    if cfg.data.root is not None and not Path(cfg.data.root).expanduser().exists():
-        raise ConfigError(f"data.root: {cfg.data.root!r} does not exist")
     _check_positive("data.limit", cfg.data.limit, optional=True)
     _check_positive("data.heldout_limit", cfg.data.heldout_limit, optional=True)
     for role in ("clustering", "fid", "stability"):
@@ -446,6 +449,7 @@ def validate(cfg: SweepConfig) -> None:
     _check_positive("resources.cpus_per_worker", resources.cpus_per_worker)
     _check_positive("resources.max_concurrent_trials", resources.max_concurrent_trials, True)
     _check_positive("resources.num_cpus", resources.num_cpus, optional=True)
+    _check_positive("resources.torch_threads", resources.torch_threads, optional=True)
     check_range("resources.max_failures", resources.max_failures, -1, math.inf)
     check_range("resources.checkpoint_every", resources.checkpoint_every, 0, math.inf)
     check_range("resources.driver_gpus", resources.driver_gpus, 0.0, math.inf)
@@ -455,8 +459,6 @@ def validate(cfg: SweepConfig) -> None:
             f"resources.num_workers={resources.num_workers}"
         )
     check_range("cache_wait_timeout_s", cfg.cache_wait_timeout_s, 0.0, math.inf, low_open=True)
-    if cfg.storage is not None:
-        check_storage_uri(cfg.storage)
 
 
 def _validate_search(cfg: SweepConfig) -> None:
@@ -484,6 +486,24 @@ def _validate_search(cfg: SweepConfig) -> None:
                 check_range(f"{prefix}.t_split", value, 0.0, 1.0)
         for value in grid.seed:
             check_range(f"{prefix}.seed", value, 0, math.inf)
+
+
+def check_local_paths(cfg: SweepConfig) -> None:
+    """Check the paths a run on this machine reads (not part of `validate`, so a file meant for a
+    cluster still passes --dry-run here).
+
+    Raises:
+        ConfigError: data.root, a pretrained autoencoder folder or an extractor path that is
+            given as a local path but does not exist.
+    """
+    paths = {"data.root": cfg.data.root, "autoencoder.pretrained": cfg.autoencoder.pretrained}
+    for role in ("clustering", "fid", "stability"):
+        paths[f"features.{role}.path"] = getattr(cfg.features, role).path
+    for key, value in paths.items():
+        # Hub ids ("org/name") are checked when loaded; only local-looking paths are checked here.
+        local = value is not None and (key == "data.root" or value.startswith(LOCAL_PATH_PREFIXES))
+        if local and not Path(value).expanduser().exists():
+            raise ConfigError(f"{key}: {value!r} does not exist on this machine")
 
 
 def _resolve(cfg: SweepConfig) -> SweepConfig:

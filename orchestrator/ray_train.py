@@ -13,7 +13,7 @@ import contextlib
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -118,8 +118,6 @@ def fit_velocity(
     from ray.train.torch import TorchTrainer
 
     if resources.checkpoint_every:
-        from dataclasses import replace
-
         train = replace(train, checkpoint_every=resources.checkpoint_every)
     per_worker = {"CPU": resources.cpus_per_worker}
     if resources.use_gpu:
@@ -130,7 +128,7 @@ def fit_velocity(
             "data_fn": data_fn,
             "velocity": velocity,
             "train": train,
-            "threads": resources.cpus_per_worker,
+            "threads": resources.torch_threads or resources.cpus_per_worker,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.num_workers,

@@ -43,7 +43,7 @@ import torch
 
 from orchestrator import tracking
 from orchestrator.cache import StageCache
-from orchestrator.config import SweepConfig
+from orchestrator.config import SweepConfig, check_local_paths
 from orchestrator.locks import lock_actor
 from orchestrator.stages import METRIC_KEYS, StageGraph
 from orchestrator.storage import Storage
@@ -83,6 +83,17 @@ def init_ray(cfg: SweepConfig, address: str | None = None) -> bool:
     return True
 
 
+def trial_cpus(cfg: SweepConfig) -> int:
+    """CPUs one trial holds at its peak: its driver's and its Ray Train workers'.
+
+    The driver and its workers take turns (the driver waits while they train), so the driver's
+    own stages (autoencoder, features, sampling) may use that many torch threads without
+    oversubscribing a cluster that runs max_concurrent_trials of them.
+    """
+    res = cfg.resources
+    return DRIVER_CPUS + res.num_workers * res.cpus_per_worker
+
+
 def max_concurrent_trials(cfg: SweepConfig, cluster: dict[str, float]) -> int:
     """Trials that fit side by side: 1 driver CPU + the Ray Train workers' CPUs (and GPUs) each.
 
@@ -90,8 +101,7 @@ def max_concurrent_trials(cfg: SweepConfig, cluster: dict[str, float]) -> int:
         cluster: the cluster's total resources, e.g. ray.cluster_resources().
     """
     res = cfg.resources
-    per_trial_cpus = DRIVER_CPUS + res.num_workers * res.cpus_per_worker
-    fit = int(cluster.get("CPU", 0) // per_trial_cpus)
+    fit = int(cluster.get("CPU", 0) // trial_cpus(cfg))
     if res.use_gpu or res.driver_gpus:
         per_trial_gpus = res.driver_gpus + (res.num_workers if res.use_gpu else 0)
         fit = min(fit, int(cluster.get("GPU", 0) // per_trial_gpus))
@@ -104,7 +114,7 @@ def check_fits(cfg: SweepConfig, cluster: dict[str, float]) -> None:
     from lfm_core.errors import ConfigError
 
     res = cfg.resources
-    cpus = DRIVER_CPUS + res.num_workers * res.cpus_per_worker
+    cpus = trial_cpus(cfg)
     gpus = res.driver_gpus + (res.num_workers if res.use_gpu else 0)
     if cpus > cluster.get("CPU", 0) or gpus > cluster.get("GPU", 0):
         raise ConfigError(
@@ -120,7 +130,7 @@ def trial_driver(
     """Ray Tune function trainable: build or reuse the trial's stages, log it, report metrics."""
     from ray import tune
 
-    torch.set_num_threads(DRIVER_CPUS)
+    torch.set_num_threads(trial_cpus(cfg))
     trial = Trial(**config["trial"])
     graph = StageGraph(cfg, cache_for(cfg))
     run_id = tracking.child_run(cfg, experiment_id, parent_id, trial)
@@ -213,6 +223,8 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None
     storage = Storage(cfg.storage)
     if resume and not can_resume(cfg):
         raise ConfigError(f"--resume: no earlier run of sweep {cfg.name!r} under {cfg.storage}")
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        check_local_paths(cfg)
     local = init_ray(cfg, address)
     if local:
         check_fits(cfg, ray.cluster_resources())

@@ -143,3 +143,21 @@ def test_lease_table_expires_and_releases() -> None:
     assert locks.acquire("a", "h2", ttl_s=0.01)
     time.sleep(0.02)
     assert locks.acquire("a", "h3", ttl_s=60)  # h2's lease expired
+
+
+def test_s3_storage_and_cache_on_a_moto_server(s3_server: str, tmp_path: Path) -> None:
+    storage = Storage(f"{s3_server}/sweeps/a")
+    storage.write_json("x/y.json", {"v": [1, 2]})
+    assert storage.read_json("x/y.json") == {"v": [1, 2]}
+    assert storage.list("x") == ["y.json"]
+
+    cache = StageCache(storage, local_root=tmp_path / "mirror")
+    ref = _ref()
+    folder = cache.get(ref, lambda f: (f / "out.txt").write_text("on s3"))
+    assert folder == tmp_path / "mirror" / ref.stage / ref.key
+    assert storage.list(ref.rel) == [COMPLETE, "out.txt"]
+    # Another machine (an empty mirror) downloads the entry instead of building it again.
+    other = StageCache(Storage(f"{s3_server}/sweeps/a"), local_root=tmp_path / "other")
+    again = other.get(ref, lambda f: pytest.fail("a complete entry must not be rebuilt"))
+    assert (again / "out.txt").read_text() == "on s3"
+    assert len(other.records()) == 1

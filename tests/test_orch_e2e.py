@@ -1,0 +1,82 @@
+"""End to end: the tiny sweep on a local Ray (2 CPUs) with a real MLflow server on 127.0.0.1.
+
+Checks the MLflow layout (a parent per invocation, one child per trial with finite metrics and
+the artefacts) and, from the cache's own build records, that no stage is built twice: not
+within the sweep, where trials share the autoencoder, extractor and reference model, and not in
+a second run of the same sweep, which builds nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import tiny_overrides
+from mlflow import MlflowClient
+
+from orchestrator import tracking
+from orchestrator.config import load_sweep
+from orchestrator.stages import METRIC_KEYS, StageGraph
+from orchestrator.sweep import cache_for, run_sweep
+from orchestrator.trials import expand_trials
+
+pytestmark = pytest.mark.integration
+
+TINY = Path(__file__).resolve().parents[1] / "sweeps" / "tiny.yaml"
+TRIAL_PARAMS = {
+    "study",
+    "data_fraction",
+    "criterion",
+    "width",
+    "seed",
+    "dataset",
+    "model",
+    "reference_model",
+    "train_steps",
+}
+
+
+def test_tiny_sweep_tracks_every_trial_and_builds_each_stage_once(
+    ray_local: None, mlflow_server: str, tiny_dinov2: Path, tiny_storage: Path
+) -> None:
+    cfg = load_sweep(TINY, tiny_overrides(tiny_storage, tiny_dinov2, mlflow_server))
+    trials = expand_trials(cfg)
+    assert len(trials) >= 4 and len({t.data_fraction for t in trials}) == 2
+    assert len({t.criterion for t in trials}) == 2
+
+    first = run_sweep(cfg)
+    assert first.errors == [] and sorted(first.metrics) == sorted(t.name for t in trials)
+
+    client = MlflowClient(mlflow_server)
+    children = tracking.children(cfg, first.experiment_id, first.parent_run_id)
+    assert sorted(run.data.tags[tracking.TRIAL_TAG] for run in children) == sorted(
+        t.name for t in trials
+    )
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert set(run.data.metrics) == set(METRIC_KEYS)
+        assert all(math.isfinite(value) for value in run.data.metrics.values()), run.data.metrics
+        assert set(run.data.params) == TRIAL_PARAMS
+        artefacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert artefacts == {"config.json", "samples.png", "comparison.png"}
+    assert client.get_run(first.parent_run_id).info.status == "FINISHED"
+
+    cache = cache_for(cfg)
+    records = cache.records()
+    built = Counter((record["stage"], record["key"]) for record in records)
+    assert max(built.values()) == 1, built
+    graph = StageGraph(cfg, cache)
+    needed = {ref.key for trial in trials for ref in graph.stages_of(trial)}
+    assert {key for _, key in built} == needed
+    # Fraction 1 keeps everything whatever the criterion: its trials share one model, which
+    # is also the reference and the loss criterion's probe.
+    assert sum(stage == "fm_model" for stage, _ in built) == 3
+
+    second = run_sweep(cfg)
+    assert second.errors == []
+    assert len(cache.records()) == len(records)
+    assert second.metrics == first.metrics
+    assert second.parent_run_id != first.parent_run_id
+    assert len(tracking.children(cfg, second.experiment_id, second.parent_run_id)) == len(trials)

@@ -1,0 +1,103 @@
+"""`ray job submit ... -- lfm sweep` against a `ray start --head` cluster on 127.0.0.1.
+
+The head runs with --block in its own process group, so teardown stops exactly this cluster
+(what `ray stop` does, without touching other Ray instances on a shared machine).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import REPO, VENV_BIN, free_port, tiny_overrides, wait_for_http
+from mlflow import MlflowClient
+
+pytestmark = pytest.mark.integration
+
+JOB_TIMEOUT_S = 480
+STOP_TIMEOUT_S = 60
+
+
+@pytest.fixture
+def ray_head(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """A 2-CPU Ray head on 127.0.0.1 with the job server; yields (dashboard URL, environment)."""
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+        # One auth mode for head, CLI and job driver (a ~/.ray/auth_token would switch the
+        # head alone to token auth); the cluster listens on 127.0.0.1 only.
+        "RAY_AUTH_MODE": "disabled",
+        # Nothing to drain on a one-node test cluster: stop at once on SIGTERM.
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    dashboard = free_port()
+    ports = {
+        "--port": free_port(),
+        "--dashboard-port": dashboard,
+        "--ray-client-server-port": free_port(),
+        "--dashboard-agent-listen-port": free_port(),
+        "--metrics-export-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+        "--node-manager-port": free_port(),
+        "--object-manager-port": free_port(),
+    }
+    command = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2"]
+    command += ["--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1"]
+    # Ray's socket paths must stay under 108 bytes: pytest's tmp_path is too deep.
+    temp_dir = tempfile.mkdtemp(prefix="lfmray-", dir="/tmp")
+    command += ["--temp-dir", temp_dir, "--disable-usage-stats"]
+    for flag, port in ports.items():
+        command += [flag, str(port)]
+    log = (tmp_path / "ray-head.log").open("w")
+    head = subprocess.Popen(
+        command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{dashboard}"
+    try:
+        wait_for_http(f"{url}/api/version", head)
+        yield url, env
+    finally:
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)
+            try:
+                head.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(head.pid, signal.SIGKILL)
+                head.wait()
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_job_submit_runs_a_sweep(
+    ray_head: tuple[str, dict[str, str]], tiny_dinov2: Path, tiny_storage: Path
+) -> None:
+    url, env = ray_head
+    tracking_db = tiny_storage / "job-mlflow.db"
+    overrides = tiny_overrides(tiny_storage, tiny_dinov2, f"sqlite:///{tracking_db}")
+    # Two trials are enough here; with the end-to-end test's cache they build nothing.
+    overrides += ["name=tiny-job", "search.data_reduction.data_fraction=[0.5]"]
+    submit = [str(VENV_BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(REPO)]
+    submit += ["--", "lfm", "sweep", "sweeps/tiny.yaml", *overrides]
+    result = subprocess.run(
+        submit, env=env, cwd=REPO, capture_output=True, text=True, timeout=JOB_TIMEOUT_S
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "succeeded" in output, output[-4000:]
+    assert "results folder:" in output
+
+    client = MlflowClient(f"sqlite:///{tracking_db}")
+    experiment = client.get_experiment_by_name("tiny-job")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and len(children) == 2
+    assert {r.info.status for r in runs} == {"FINISHED"}
