@@ -1,0 +1,535 @@
+"""Coarse-to-fine sampling: measured speedup next to its FLOP-count bound, and the FID of each.
+
+For each (coarse, fine) pair of velocity widths, both trained on the embedded mnist5k latents,
+the same noise seeds are sampled by the large (fine) model alone, by coarse-to-fine at every
+t_split, and by the small (coarse) model alone. Sampling is interleaved: the seeds are cut into
+rounds of `round_size`; in each round every sampler integrates the same noise, in an order
+rotated from round to round, so load drift hits all samplers alike. Each round is one timing
+repeat: the speedup is the median over rounds of (large-alone time / coarse-to-fine time). All
+the samples of a sampler make its FID (decoded, classifier features, against the held-out
+split), per seed set of `samples_per_set` seeds, so the spread between sets shows FID noise.
+
+The FLOP bound is lfm_core.coarse_to_fine.flop_speedup_bound of forward_flops. The profile
+splits the gap to it in two: the forward-time bound (the same formula with each model's
+measured forward time in place of its FLOPs; below the FLOP bound when the small model runs at
+fewer FLOP/s) and solver/dispatch overhead (measured time beyond the forwards' time).
+
+    python -m benchmarks.coarse_to_fine [--tiny] [--pairs 64:256 96:256] [--t-splits 0.7 0.8]
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from benchmarks.common import (
+    RESULTS_DIR,
+    goal,
+    load_average,
+    machine,
+    median,
+    parse_config,
+    print_config,
+    usable_cores,
+    write_json,
+)
+from benchmarks.embedded import TINY_DATA, DataConfig, EmbeddedData, load_embedded, train_cached
+from lfm_core.coarse_to_fine import flop_speedup_bound, forward_flops, sample_coarse_to_fine
+from lfm_core.errors import ConfigError, check_choice, check_range
+from lfm_core.solvers import METHODS, seeded_noise
+from lfm_core.train import TrainConfig
+from lfm_core.velocity import VELOCITY_SIZES, VelocityModel, count_parameters
+
+NAME = "coarse_to_fine"
+DEVICES = ("cpu", "cuda")
+LARGE, SMALL = "large_only", "small_only"
+TOP_OPS = 6
+MS_PER_S = 1e3
+GIGA = 1e9
+
+
+@dataclass(frozen=True)
+class C2FConfig:
+    """What the coarse-to-fine benchmark trains, samples and measures.
+
+    Attributes:
+        out: results folder (`coarse_to_fine.json` goes there).
+        data: the embedded data and its cache.
+        model: the velocity family (a VELOCITY_SIZES name); pairs differ in width.
+        pairs: "coarse:fine" widths, e.g. "64:256"; each unique width is trained once.
+        train_steps, batch_size, lr, ema_decay, checkpoint_every: training of every model.
+        t_splits: switch times tried with each pair.
+        steps, solver: the ODE grid (the paper: 60 Euler steps).
+        samples_per_set, seed_sets: FID is measured per set of seeds; seeds_sets sets in all.
+        round_size: samples per timing round (divides samples_per_set).
+        first_seed: noise seed of the first sample.
+        threads: torch threads for training and sampling.
+        seed: training seed (initial weights and batches).
+        fid_tolerance: coarse-to-fine FID may exceed the large model's by this fraction.
+        min_speedup, min_bound_ratio: the goals.
+        profile_repeats: timed forward passes per model in the profile (median kept).
+        device: "cpu" or "cuda" (training, sampling, decoding; on CUDA float32 matmuls use
+            TF32 and every timing is bracketed by a device synchronisation).
+        mixed_precision: training precision ("no", "fp16", "bf16"; GPU only).
+        progress: show progress bars.
+    """
+
+    out: str = str(RESULTS_DIR)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: str = "dit-xs"
+    pairs: tuple[str, ...] = ("64:256",)
+    train_steps: int = 800
+    batch_size: int = 128
+    lr: float = 1e-3
+    ema_decay: float = 0.995
+    checkpoint_every: int = 200
+    t_splits: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9)
+    steps: int = 60
+    solver: str = "euler"
+    samples_per_set: int = 1000
+    seed_sets: int = 2
+    round_size: int = 500
+    first_seed: int = 0
+    threads: int = field(default_factory=usable_cores)
+    seed: int = 0
+    fid_tolerance: float = 0.05
+    min_speedup: float = 2.5
+    min_bound_ratio: float = 0.9
+    profile_repeats: int = 5
+    device: str = "cpu"
+    mixed_precision: str = "no"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("model", self.model, VELOCITY_SIZES)
+        check_choice("solver", self.solver, METHODS)
+        check_choice("device", self.device, DEVICES)
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device: 'cuda' asked for but torch sees no CUDA device; use cpu")
+        if not self.pairs or not self.t_splits:
+            raise ConfigError("pairs, t_splits: each needs at least one value")
+        self.width_pairs()
+        for t_split in self.t_splits:
+            check_range("t_splits", t_split, 0.0, 1.0, low_open=True, high_open=True)
+        for key in (
+            "train_steps",
+            "batch_size",
+            "steps",
+            "samples_per_set",
+            "round_size",
+            "threads",
+        ):
+            check_range(key, getattr(self, key), 1, math.inf)
+        check_range("seed_sets", self.seed_sets, 1, math.inf)
+        if self.samples_per_set % self.round_size:
+            raise ConfigError(
+                f"round_size: {self.round_size} must divide samples_per_set={self.samples_per_set}"
+            )
+        if self.samples_per_set < 2:
+            raise ConfigError(f"samples_per_set: {self.samples_per_set} must be >= 2 for FID")
+
+    def width_pairs(self) -> list[tuple[int, int]]:
+        """The pairs as (coarse width, fine width)."""
+        pairs = []
+        for pair in self.pairs:
+            parts = pair.split(":")
+            if len(parts) != 2 or not all(p.isdigit() for p in parts):
+                raise ConfigError(f"pairs: {pair!r} must be 'coarse:fine' widths, e.g. '64:256'")
+            pairs.append((int(parts[0]), int(parts[1])))
+        return pairs
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            steps=self.train_steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            ema_decay=self.ema_decay,
+            checkpoint_every=self.checkpoint_every,
+            seed=self.seed,
+            mixed_precision=self.mixed_precision,
+        )
+
+
+TINY = C2FConfig(
+    data=TINY_DATA,
+    pairs=("16:32",),
+    train_steps=4,
+    batch_size=16,
+    checkpoint_every=2,
+    t_splits=(0.5, 0.8),
+    steps=4,
+    samples_per_set=16,
+    round_size=8,
+    profile_repeats=1,
+    # One thread: tiny tensors gain nothing from two, and lose much on a busy machine.
+    threads=1,
+    progress=False,
+)
+
+
+def _samplers(t_splits: tuple[float, ...]) -> dict[str, float]:
+    """Sampler name -> t_split: the large model alone (0), coarse-to-fine, the small alone (1)."""
+    return {LARGE: 0.0, **{f"c2f@{t:g}": t for t in sorted(t_splits)}, SMALL: 1.0}
+
+
+@dataclass
+class _Sampled:
+    latents: dict[str, list[Tensor]]
+    seconds: dict[str, list[float]]
+    nfe: dict[str, tuple[int, int]]
+
+
+def _sample_interleaved(
+    coarse: VelocityModel,
+    fine: VelocityModel,
+    samplers: dict[str, float],
+    seeds: list[int],
+    cfg: C2FConfig,
+) -> _Sampled:
+    """Every sampler on the same noise, round by round, in a rotating order."""
+    shape = (coarse.config.in_channels, coarse.config.sample_size, coarse.config.sample_size)
+    device = next(fine.parameters()).device
+    out = _Sampled({n: [] for n in samplers}, {n: [] for n in samplers}, {})
+    rounds = [seeds[i : i + cfg.round_size] for i in range(0, len(seeds), cfg.round_size)]
+    names = list(samplers)
+    # One untimed pass of each model first: the first call of a model pays for allocations.
+    with torch.no_grad():
+        warm = seeded_noise(rounds[0], shape, device=device)
+        for model in (coarse, fine):
+            model(warm, torch.full((warm.shape[0],), 0.5, device=device))
+    bar = tqdm(total=len(rounds) * len(names), desc="c2f sampling", disable=not cfg.progress)
+    for index, chunk in enumerate(rounds):
+        noise = seeded_noise(chunk, shape, device=device)
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            # Timed here, between synchronisations: on a GPU the call returns before the work ends.
+            _synchronize(device)
+            started = time.perf_counter()
+            result = sample_coarse_to_fine(
+                coarse, fine, noise, samplers[name], steps=cfg.steps, method=cfg.solver
+            )
+            _synchronize(device)
+            out.seconds[name].append(time.perf_counter() - started)
+            out.latents[name].append(result.samples.cpu())
+            out.nfe[name] = (result.nfe_coarse, result.nfe_fine)
+            bar.update()
+    bar.close()
+    return out
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def _forward_seconds(model: VelocityModel, x: Tensor, repeats: int) -> float:
+    """Median wall-clock seconds of one forward pass on x (after one warm-up pass)."""
+    t = torch.full((x.shape[0],), 0.5, device=x.device)
+    model(x, t)
+    times = []
+    for _ in range(repeats):
+        _synchronize(x.device)
+        started = time.perf_counter()
+        model(x, t)
+        _synchronize(x.device)
+        times.append(time.perf_counter() - started)
+    return median(times)
+
+
+@torch.no_grad()
+def _top_ops(model: VelocityModel, x: Tensor) -> list[dict[str, Any]]:
+    """The operators that take the most time in one forward pass (torch.profiler): CPU time on
+    a CPU, device (kernel) time on a GPU."""
+    t = torch.full((x.shape[0],), 0.5, device=x.device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if x.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        model(x, t)
+        _synchronize(x.device)
+
+    def self_us(event: Any) -> float:
+        return (
+            event.self_device_time_total if x.device.type == "cuda" else event.self_cpu_time_total
+        )
+
+    events = sorted(prof.key_averages(), key=self_us, reverse=True)
+    total = sum(self_us(e) for e in events) or 1.0
+    return [
+        {
+            "op": e.key,
+            "self_ms": self_us(e) / MS_PER_S,
+            "share": self_us(e) / total,
+            "calls": e.count,
+        }
+        for e in events[:TOP_OPS]
+    ]
+
+
+def _model_facts(model: VelocityModel, flops: int, x: Tensor, cfg: C2FConfig) -> dict[str, Any]:
+    """FLOPs per sample, measured forward time at the round batch, achieved GFLOP/s, top ops."""
+    seconds = _forward_seconds(model, x, cfg.profile_repeats)
+    return {
+        "width": model.config.width,
+        "params": count_parameters(model),
+        "flops_per_sample": flops,
+        "forward_ms": seconds * MS_PER_S,
+        "gflops_per_s": flops * x.shape[0] / seconds / GIGA,
+        "top_ops": _top_ops(model, x),
+    }
+
+
+def _fids(data: EmbeddedData, latents: list[Tensor], cfg: C2FConfig) -> list[float]:
+    """FID of each seed set (rounds are consecutive seeds, so sets are consecutive rows)."""
+    rows = torch.cat(latents)
+    sets = rows.split(cfg.samples_per_set)
+    return [data.fid(part) for part in sets]
+
+
+def _pair(
+    data: EmbeddedData,
+    coarse: VelocityModel,
+    fine: VelocityModel,
+    flops: dict[str, int],
+    seeds: list[int],
+    cfg: C2FConfig,
+) -> dict[str, Any]:
+    """Sample, time, score and profile one (coarse, fine) pair; flops: per sample, per model."""
+    samplers = _samplers(cfg.t_splits)
+    sampled = _sample_interleaved(coarse, fine, samplers, seeds, cfg)
+    probe = seeded_noise(seeds[: cfg.round_size], data.latent_shape, device=cfg.device)
+    facts = {
+        "coarse": _model_facts(coarse, flops["coarse"], probe, cfg),
+        "fine": _model_facts(fine, flops["fine"], probe, cfg),
+    }
+    forward_s = {k: v["forward_ms"] / MS_PER_S for k, v in facts.items()}
+    large_times = sampled.seconds[LARGE]
+    fid_sets = {
+        name: _fids(data, sampled.latents[name], cfg)
+        for name in tqdm(samplers, desc="c2f FID", disable=not cfg.progress)
+    }
+    rows: dict[str, dict[str, Any]] = {}
+    for name, t_split in samplers.items():
+        nfe_coarse, nfe_fine = sampled.nfe[name]
+        times = sampled.seconds[name]
+        ratios = [big / mine for big, mine in zip(large_times, times, strict=True)]
+        flop_bound = flop_speedup_bound(flops["coarse"], flops["fine"], nfe_coarse, nfe_fine)
+        # The same formula with measured forward seconds: what the forwards alone would allow.
+        forward_bound = flop_speedup_bound(
+            forward_s["coarse"], forward_s["fine"], nfe_coarse, nfe_fine
+        )  # type: ignore[arg-type]
+        forwards = nfe_coarse * forward_s["coarse"] + nfe_fine * forward_s["fine"]
+        speedup = median(ratios)
+        fid_ratio_sets = [a / b for a, b in zip(fid_sets[name], fid_sets[LARGE], strict=True)]
+        rows[name] = {
+            "t_split": t_split,
+            "nfe_coarse": nfe_coarse,
+            "nfe_fine": nfe_fine,
+            "seconds_rounds": times,
+            "seconds_median": median(times),
+            "samples_per_s": cfg.round_size / median(times),
+            "speedup_rounds": ratios,
+            "speedup": speedup,
+            "speedup_of_medians": median(large_times) / median(times),
+            "flop_bound": flop_bound,
+            "bound_ratio": speedup / flop_bound,
+            "forward_bound": forward_bound,
+            "forward_efficiency": forward_bound / flop_bound,
+            "overhead_share": 1.0 - forwards / median(times),
+            "fid_sets": fid_sets[name],
+            "fid": sum(fid_sets[name]) / len(fid_sets[name]),
+            "fid_ratio_sets": fid_ratio_sets,
+            "fid_ratio": sum(fid_ratio_sets) / len(fid_ratio_sets),
+        }
+    for row in rows.values():
+        row["goals"] = _goals(row, cfg)
+    c2f = {k: v for k, v in rows.items() if k not in (LARGE, SMALL)}
+    large = rows[LARGE]
+    return {
+        "coarse_width": coarse.config.width,
+        "fine_width": fine.config.width,
+        "models": facts,
+        LARGE: large,
+        SMALL: rows[SMALL],
+        "t_splits": list(c2f.values()),
+        "chosen": _choose(list(c2f.values()), cfg),
+        "fid_noise": {
+            "large_only_fid_sets": large["fid_sets"],
+            "large_only_relative_spread": _spread(large["fid_sets"]),
+        },
+    }
+
+
+def _spread(values: list[float]) -> float:
+    """(max - min) / mean: how far apart the seed sets' values are."""
+    mean = sum(values) / len(values)
+    return (max(values) - min(values)) / mean if mean else math.nan
+
+
+def _goals(row: dict[str, Any], cfg: C2FConfig) -> dict[str, Any]:
+    return {
+        "speedup": goal(row["speedup"], cfg.min_speedup, higher_is_better=True),
+        "fid_ratio": goal(row["fid_ratio"], 1.0 + cfg.fid_tolerance, higher_is_better=False),
+        "bound_ratio": goal(row["bound_ratio"], cfg.min_bound_ratio, higher_is_better=True),
+    }
+
+
+def _choose(rows: list[dict[str, Any]], cfg: C2FConfig) -> dict[str, Any]:
+    """The fastest t_split whose FID stays within tolerance; else the one with the lowest FID."""
+    passing = [r for r in rows if r["goals"]["fid_ratio"]["met"]]
+    if passing:
+        best = max(passing, key=lambda r: r["speedup"])
+        return {"t_split": best["t_split"], "reason": "fastest within the FID tolerance"}
+    best = min(rows, key=lambda r: r["fid_ratio"])
+    return {
+        "t_split": best["t_split"],
+        "reason": "no t_split within the FID tolerance: lowest FID ratio",
+    }
+
+
+def _recommend(pairs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Across pairs: FID goal met first, then the highest speedup at the chosen t_split."""
+
+    def chosen_row(pair: dict[str, Any]) -> dict[str, Any]:
+        return next(r for r in pair["t_splits"] if r["t_split"] == pair["chosen"]["t_split"])
+
+    best = max(
+        pairs,
+        key=lambda p: (bool(chosen_row(p)["goals"]["fid_ratio"]["met"]), chosen_row(p)["speedup"]),
+    )
+    row = chosen_row(best)
+    return {
+        "pair": f"{best['coarse_width']}:{best['fine_width']}",
+        "t_split": row["t_split"],
+        "speedup": row["speedup"],
+        "fid_ratio": row["fid_ratio"],
+        "bound_ratio": row["bound_ratio"],
+        "flop_bound": row["flop_bound"],
+        "goals": row["goals"],
+        "reason": best["chosen"]["reason"],
+    }
+
+
+def run(cfg: C2FConfig) -> dict[str, Any]:
+    """Run the benchmark; returns what it writes to `<out>/coarse_to_fine.json`."""
+    torch.set_num_threads(cfg.threads)
+    if cfg.device == "cuda":
+        torch.set_float32_matmul_precision("high")
+    started, load_start = time.perf_counter(), load_average()
+    data = load_embedded(cfg.data, progress=cfg.progress, device=cfg.device)
+    widths = sorted({w for pair in cfg.width_pairs() for w in pair})
+    trained = {
+        w: train_cached(
+            data, data.velocity_config(cfg.model, w), cfg.train_config(), progress=cfg.progress
+        )
+        for w in widths
+    }
+    # FLOPs do not depend on the device: counted on the CPU copies, then the models move.
+    one = seeded_noise([cfg.first_seed], data.latent_shape)
+    flops = {w: forward_flops(m.model, one) for w, m in trained.items()}
+    models = {w: m.model.to(cfg.device) for w, m in trained.items()}
+    total = cfg.samples_per_set * cfg.seed_sets
+    seeds = list(range(cfg.first_seed, cfg.first_seed + total))
+    pairs = [
+        _pair(data, models[c], models[f], {"coarse": flops[c], "fine": flops[f]}, seeds, cfg)
+        for c, f in cfg.width_pairs()
+    ]
+    recommended = _recommend(pairs)
+    result = {
+        "benchmark": NAME,
+        "config": asdict(cfg),
+        "machine": machine(),
+        "data": data.info,
+        "training": {
+            str(w): {
+                "seconds": m.seconds,
+                "cached": m.cached,
+                "load_average": m.load_average,
+                "steps": cfg.train_steps,
+            }
+            for w, m in trained.items()
+        },
+        "pairs": pairs,
+        "recommended": recommended,
+        "summary": {
+            "c2f_speedup": recommended["speedup"],
+            "c2f_fid_ratio": recommended["fid_ratio"],
+            "c2f_bound_ratio": recommended["bound_ratio"],
+            "c2f_t_split": recommended["t_split"],
+            "c2f_pair": recommended["pair"],
+        },
+        "load_average": {"start": load_start, "end": load_average()},
+        "seconds": time.perf_counter() - started,
+    }
+    write_json(Path(cfg.out) / f"{NAME}.json", result)
+    return result
+
+
+def _kind(t_split: float) -> str:
+    return "large" if t_split == 0 else ("small" if t_split == 1 else "c2f")
+
+
+def _top(ops: list[dict[str, Any]], count: int = 3) -> str:
+    return ", ".join(f"{op['op']} {op['share']:.0%}" for op in ops[:count])
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The results as Markdown tables (one per pair) for summary.md."""
+    cfg = result["config"]
+    lines = [f"## Coarse-to-fine ({cfg['model']}, {cfg['steps']} {cfg['solver']} steps)", ""]
+    for pair in result["pairs"]:
+        coarse, fine = pair["models"]["coarse"], pair["models"]["fine"]
+        spread = pair["fid_noise"]["large_only_relative_spread"]
+        lines += [
+            f"Pair coarse width {pair['coarse_width']} / fine width {pair['fine_width']}: one "
+            f"forward pass on {cfg['round_size']} samples takes {coarse['forward_ms']:.1f} / "
+            f"{fine['forward_ms']:.1f} ms ({coarse['gflops_per_s']:.1f} / "
+            f"{fine['gflops_per_s']:.1f} GFLOP/s; FLOPs ratio "
+            f"{fine['flops_per_sample'] / coarse['flops_per_sample']:.1f}, time ratio "
+            f"{fine['forward_ms'] / coarse['forward_ms']:.1f}). Top ops: coarse {_top(coarse['top_ops'])}; "
+            f"fine {_top(fine['top_ops'])}. FID of the large model differs by {spread:.1%} "
+            f"between its {cfg['seed_sets']} seed sets of {cfg['samples_per_set']}.",
+            "",
+            "| sampler | t_split | speedup | FLOP bound | measured / bound | forward-time bound "
+            "| solver overhead | FID (per set) | FID / large (per set) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in [pair[LARGE], *pair["t_splits"], pair[SMALL]]:
+            sets = " / ".join(f"{f:.2f}" for f in row["fid_sets"])
+            ratio_sets = " / ".join(f"{r:.3f}" for r in row["fid_ratio_sets"])
+            lines.append(
+                f"| {_kind(row['t_split'])} | {row['t_split']:g} | {row['speedup']:.2f}x "
+                f"| {row['flop_bound']:.2f}x | {row['bound_ratio']:.2f} | {row['forward_bound']:.2f}x "
+                f"| {row['overhead_share']:.1%} | {row['fid']:.2f} ({sets}) "
+                f"| {row['fid_ratio']:.3f} ({ratio_sets}) |"
+            )
+        lines.append("")
+    rec = result["recommended"]
+    lines += [
+        f"Recommended: pair {rec['pair']} at t_split {rec['t_split']:g} ({rec['reason']}).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, dry_run = parse_config(
+        C2FConfig(), TINY, argv, f"python -m benchmarks.{NAME}", __doc__.split("\n")[0]
+    )
+    print_config(cfg)
+    if dry_run:
+        return
+    result = run(cfg)
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
