@@ -81,7 +81,8 @@ def run(cfg: DemoConfig) -> dict[str, float]:
     results["scaling_factor"] = float(vae.config.scaling_factor)
     latents = encode(vae, train.images)
     reconstructions = decode(vae, encode(vae, heldout.images, progress=False), progress=False)
-    save_comparison([heldout.images[:16], reconstructions[:16]], out / "reconstructions.png")
+    spread = torch.linspace(0, len(heldout.images) - 1, 16).long()  # the split is sorted by class
+    save_comparison([heldout.images[spread], reconstructions[spread]], out / "reconstructions.png")
 
     model = build_velocity(
         VelocityConfig(
