@@ -139,7 +139,7 @@ def print_plan(cfg: SweepConfig, trials: Sequence[Trial]) -> None:
             users[ref.key] = users.get(ref.key, 0) + 1
         print(f"  {number:3d}. {trial.name}  ({len(stages)} stages)")
     cached = {key for key, ref in refs.items() if cache.is_complete(ref)}
-    print(f"\nstages: {len(refs)} distinct, {len(cached)} cached, under {cfg.storage}/cache")
+    print(f"\nstages: {len(refs)} distinct, {len(cached)} cached, under {cfg.storage_uri}/cache")
     for key, ref in refs.items():
         status = "cached" if key in cached else "to build"
         print(f"  {ref.stage:<14} {key[:12]}  {status:<8}  used by {users[key]} trial(s)")
@@ -147,12 +147,12 @@ def print_plan(cfg: SweepConfig, trials: Sequence[Trial]) -> None:
 
 def where_to_look(cfg: SweepConfig) -> str:
     """The closing lines of a sweep: the MLflow UI command and the results folder."""
-    uri = cfg.tracking.uri
+    uri = cfg.tracking_uri
     if uri.startswith(("http://", "https://")):
         ui = f"open {uri} (experiment {cfg.experiment!r})"
     else:
         ui = f"mlflow ui --backend-store-uri {uri} --port 5000, then open http://127.0.0.1:5000 (experiment {cfg.experiment!r})"
-    return f"MLflow: {ui}\nresults folder: {cfg.storage}"
+    return f"MLflow: {ui}\nresults folder: {cfg.storage_uri}"
 
 
 def _sweep(args: argparse.Namespace) -> int:

@@ -272,6 +272,20 @@ class SweepConfig:
     tracking: TrackingSection = field(default_factory=TrackingSection)
 
     @property
+    def storage_uri(self) -> str:
+        """The resolved storage root (set by `load_sweep`)."""
+        if self.storage is None:
+            raise ConfigError("storage: not resolved; load sweep files with load_sweep")
+        return self.storage
+
+    @property
+    def tracking_uri(self) -> str:
+        """The resolved MLflow tracking URI (set by `load_sweep`)."""
+        if self.tracking.uri is None:
+            raise ConfigError("tracking.uri: not resolved; load sweep files with load_sweep")
+        return self.tracking.uri
+
+    @property
     def experiment(self) -> str:
         """The MLflow experiment name."""
         return self.tracking.experiment or self.name
@@ -299,7 +313,7 @@ def _allowed_keys(full_key: str) -> list[str]:
         if part == "search" and position + 1 < len(parts):
             node = OmegaConf.structured(GridSection)
             break
-    return list(node.keys()) if isinstance(node, DictConfig) else []
+    return [str(key) for key in node] if isinstance(node, DictConfig) else []
 
 
 def _one_line(err: OmegaConfBaseException) -> ConfigError:
@@ -330,10 +344,11 @@ def _normalise_search(layer: DictConfig) -> None:
     search = layer.get("search") if isinstance(layer, DictConfig) else None
     if not isinstance(search, DictConfig):
         return
-    for study, grid in search.items():
+    for key, grid in search.items():
+        study = str(key)
         if not isinstance(grid, DictConfig):
             raise ConfigError(f"search.{study}: must map axes ({', '.join(AXES)}) to lists")
-        for axis in list(grid.keys()):
+        for axis in [str(name) for name in grid]:
             try:
                 grid[axis] = _axis(grid[axis])
             except ConfigError as err:
@@ -377,7 +392,8 @@ def _read_layers(path: Path, overrides: list[str]) -> tuple[DictConfig, DictConf
 def _to_object(merged: DictConfig) -> SweepConfig:
     """Instantiate the dataclasses; lfm_core's own checks run here, prefixed by their section."""
     parts: dict[str, Any] = {}
-    for key in merged:
+    for name in merged:
+        key = str(name)
         node = merged[key]
         if not isinstance(node, DictConfig):
             parts[key] = node
@@ -475,17 +491,17 @@ def _validate_search(cfg: SweepConfig) -> None:
         for axis in AXES:
             if not getattr(grid, axis):
                 raise ConfigError(f"{prefix}.{axis}: must list at least one value")
-        for value in grid.data_fraction:
-            check_range(f"{prefix}.data_fraction", value, 0.0, 1.0, low_open=True)
-        for value in grid.criterion:
-            check_choice(f"{prefix}.criterion", value, CRITERIA)
-        for value in grid.width:
-            _check_model(prefix, cfg.model.name, value, cfg)
-        for value in grid.t_split:
-            if value is not None:
-                check_range(f"{prefix}.t_split", value, 0.0, 1.0)
-        for value in grid.seed:
-            check_range(f"{prefix}.seed", value, 0, math.inf)
+        for fraction in grid.data_fraction:
+            check_range(f"{prefix}.data_fraction", fraction, 0.0, 1.0, low_open=True)
+        for criterion in grid.criterion:
+            check_choice(f"{prefix}.criterion", criterion, CRITERIA)
+        for width in grid.width:
+            _check_model(prefix, cfg.model.name, width, cfg)
+        for t_split in grid.t_split:
+            if t_split is not None:
+                check_range(f"{prefix}.t_split", t_split, 0.0, 1.0)
+        for seed in grid.seed:
+            check_range(f"{prefix}.seed", seed, 0, math.inf)
 
 
 def check_local_paths(cfg: SweepConfig) -> None:
@@ -501,8 +517,9 @@ def check_local_paths(cfg: SweepConfig) -> None:
         paths[f"features.{role}.path"] = getattr(cfg.features, role).path
     for key, value in paths.items():
         # Hub ids ("org/name") are checked when loaded; only local-looking paths are checked here.
-        local = value is not None and (key == "data.root" or value.startswith(LOCAL_PATH_PREFIXES))
-        if local and not Path(value).expanduser().exists():
+        if value is None or not (key == "data.root" or value.startswith(LOCAL_PATH_PREFIXES)):
+            continue
+        if not Path(value).expanduser().exists():
             raise ConfigError(f"{key}: {value!r} does not exist on this machine")
 
 
@@ -544,6 +561,8 @@ def load_sweep(
         merged = OmegaConf.merge(_schema(), base, profile, cli)
     except OmegaConfBaseException as err:
         raise _one_line(err) from None
+    if not isinstance(merged, DictConfig):
+        raise ConfigError(f"sweep file {path} must hold a mapping of sections")
     cfg = _to_object(merged)
     validate(cfg)
     return _resolve(cfg)

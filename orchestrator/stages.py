@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from lfm_core.autoencoder import (
     decode,
@@ -330,9 +331,12 @@ class StageGraph:
             None if dataset.indices is None else dataset.indices[:limit],
         )
 
-    def load_autoencoder(self) -> Any:
+    def load_autoencoder(self) -> AutoencoderKL:
         """The sweep's AutoencoderKL (diffusers), on the stage device."""
-        return load_autoencoder(self.get(self.autoencoder()) / "vae").to(_device())
+        vae = load_autoencoder(self.get(self.autoencoder()) / "vae")
+        # nn.Module.to moves in place (diffusers' own `to` wrapper confuses type checkers).
+        nn.Module.to(vae, _device())
+        return vae
 
     def load_extractor(self, role: str) -> FeatureExtractor:
         """The feature extractor of a role ("clustering", "fid", "stability")."""
@@ -361,7 +365,7 @@ class StageGraph:
         vae.save_pretrained(folder / "vae")
         info = {
             "heldout_psnr": reconstruction_psnr(vae, self._split("heldout").images),
-            "scaling_factor": float(vae.config.scaling_factor),
+            "scaling_factor": float(vae.config["scaling_factor"]),
         }
         _write_json(folder / INFO_FILE, info)
 
@@ -379,8 +383,9 @@ class StageGraph:
         # The extractor's own weights (a trained classifier, or a hub download) land in the folder.
         extractor = build_feature_extractor(ref.inputs["name"], folder, ref.inputs["path"])
         info = {"name": extractor.name, "dim": extractor.dim}
-        if hasattr(extractor, "heldout_accuracy"):
-            info["heldout_accuracy"] = float(extractor.heldout_accuracy)
+        accuracy = getattr(extractor, "heldout_accuracy", None)  # trained extractors record it
+        if accuracy is not None:
+            info["heldout_accuracy"] = float(accuracy)
         _write_json(folder / INFO_FILE, info)
 
     def _build_data_features(self, ref: StageRef, folder: Path) -> None:

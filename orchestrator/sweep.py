@@ -61,7 +61,7 @@ LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 def cache_for(cfg: SweepConfig) -> StageCache:
     """The stage cache under the sweep's storage."""
-    return StageCache(Storage(cfg.storage), wait_timeout_s=cfg.cache_wait_timeout_s)
+    return StageCache(Storage(cfg.storage_uri), wait_timeout_s=cfg.cache_wait_timeout_s)
 
 
 def init_ray(cfg: SweepConfig, address: str | None = None) -> bool:
@@ -130,6 +130,7 @@ def trial_driver(
     """Ray Tune function trainable: build or reuse the trial's stages, log it, report metrics."""
     from ray import tune
 
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     torch.set_num_threads(trial_cpus(cfg))
     trial = Trial(**config["trial"])
     graph = StageGraph(cfg, cache_for(cfg))
@@ -174,7 +175,7 @@ def _tuner(
     import ray
     from ray import tune
 
-    storage = Storage(cfg.storage)
+    storage = Storage(cfg.storage_uri)
     trainable = tune.with_resources(
         tune.with_parameters(
             trial_driver, cfg=cfg, experiment_id=experiment_id, parent_id=parent_id
@@ -202,7 +203,7 @@ def can_resume(cfg: SweepConfig) -> bool:
     """True when the sweep has a Tune state to restore and a parent run to continue."""
     from ray import tune
 
-    storage = Storage(cfg.storage)
+    storage = Storage(cfg.storage_uri)
     return storage.exists(f"{SWEEPS_DIR}/{cfg.name}/parent_run.json") and tune.Tuner.can_restore(
         storage.uri_of(f"{TUNE_DIR}/{cfg.name}")
     )
@@ -220,7 +221,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None
 
     started = time.perf_counter()
     trials = expand_trials(cfg)
-    storage = Storage(cfg.storage)
+    storage = Storage(cfg.storage_uri)
     if resume and not can_resume(cfg):
         raise ConfigError(f"--resume: no earlier run of sweep {cfg.name!r} under {cfg.storage}")
     if not (address or os.environ.get("RAY_ADDRESS")):

@@ -38,7 +38,7 @@ SQLITE_PREFIX = "sqlite:///"
 
 def client_for(cfg: SweepConfig) -> MlflowClient:
     """A client of the sweep's tracking URI (the sqlite file's folder is created if needed)."""
-    uri = cfg.tracking.uri
+    uri = cfg.tracking_uri
     if uri.startswith(SQLITE_PREFIX):
         Path(uri[len(SQLITE_PREFIX) :]).parent.mkdir(parents=True, exist_ok=True)
     return MlflowClient(tracking_uri=uri)

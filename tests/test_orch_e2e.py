@@ -16,10 +16,11 @@ import pytest
 from conftest import tiny_overrides
 from mlflow import MlflowClient
 
-from orchestrator import tracking
+from orchestrator import cli, tracking
 from orchestrator.config import load_sweep
 from orchestrator.stages import METRIC_KEYS, StageGraph
-from orchestrator.sweep import cache_for, run_sweep
+from orchestrator.storage import Storage
+from orchestrator.sweep import cache_for, can_resume, run_sweep
 from orchestrator.trials import expand_trials
 
 pytestmark = pytest.mark.integration
@@ -80,3 +81,49 @@ def test_tiny_sweep_tracks_every_trial_and_builds_each_stage_once(
     assert second.metrics == first.metrics
     assert second.parent_run_id != first.parent_run_id
     assert len(tracking.children(cfg, second.experiment_id, second.parent_run_id)) == len(trials)
+
+
+def test_resume_of_a_finished_sweep_reruns_nothing(
+    ray_local: None, mlflow_server: str, tiny_dinov2: Path, tiny_storage: Path
+) -> None:
+    cfg = load_sweep(TINY, tiny_overrides(tiny_storage, tiny_dinov2, mlflow_server))
+    if not can_resume(cfg):
+        run_sweep(cfg)
+    records = len(cache_for(cfg).records())
+    parent = Storage(cfg.storage_uri).read_json(f"sweeps/{cfg.name}/parent_run.json")[
+        "parent_run_id"
+    ]
+
+    outcome = run_sweep(cfg, resume=True)
+    assert outcome.parent_run_id == parent and outcome.errors == []
+    assert len(outcome.metrics) == len(expand_trials(cfg))
+    children = tracking.children(cfg, outcome.experiment_id, parent)
+    assert len(children) == len(expand_trials(cfg))
+    assert {run.info.status for run in children} == {"FINISHED"}
+    assert len(cache_for(cfg).records()) == records
+
+
+def test_train_and_sample_commands_reuse_the_sweep_stages(
+    ray_local: None,
+    mlflow_server: str,
+    tiny_dinov2: Path,
+    tiny_storage: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    overrides = tiny_overrides(tiny_storage, tiny_dinov2, mlflow_server)
+    cfg = load_sweep(TINY, overrides)
+    records = len(cache_for(cfg).records())
+    png = tmp_path / "grid.png"
+    for argv in (
+        ["train", str(TINY), *overrides, "--fraction", "0.5"],
+        ["sample", str(TINY), *overrides, "--fraction", "0.5", "--out", str(png)],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "checkpoint: " in out and f"samples: {png}" in out
+    assert png.stat().st_size > 0
+    if records:  # after the sweep above, both stages come from the cache
+        assert len(cache_for(cfg).records()) == records
