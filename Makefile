@@ -22,8 +22,10 @@ run: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m lfm_core.demo
 
+# One thread per test process: tests start Ray workers and servers beside pytest, and on 2 cores
+# oversubscribed OpenMP threads made small training steps up to 60x slower.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check lfm_core orchestrator tests benchmarks
