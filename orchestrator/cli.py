@@ -92,9 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_address(sample)
     sample.add_argument("--out", required=True, help="PNG file for the sample grid")
 
-    report = sub.add_parser("report", help="paper tables and plots from an MLflow experiment")
-    report.add_argument("--experiment", required=True, help="MLflow experiment name")
-    report.add_argument("--out", required=True, help="output folder")
+    # Listed for --help; `main` hands everything after `report` to orchestrator.report.
+    sub.add_parser(
+        "report",
+        help="paper tables and plots from an MLflow experiment (--experiment NAME --out DIR)",
+    )
     return parser
 
 
@@ -232,14 +234,13 @@ COMMANDS = {"sweep": _sweep, "validate": _validate, "train": _train, "sample": _
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `lfm` console script; exits with the command's status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    # `lfm report` owns its arguments (the report module's parser); the rest are parsed here.
+    args = None if argv[:1] == ["report"] else build_parser().parse_args(argv)
+    command = "report" if args is None else args.command
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
-        if args.command == "report":
-            status = _report(argv[argv.index("report") + 1 :])
-        else:
-            status = COMMANDS[args.command](args)
+        status = _report(argv[1:]) if args is None else COMMANDS[command](args)
     except ConfigError as err:
-        print(f"lfm {args.command}: error: {err}", file=sys.stderr)
+        print(f"lfm {command}: error: {err}", file=sys.stderr)
         status = EXIT_BAD_INPUT
     sys.exit(status)

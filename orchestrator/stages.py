@@ -1,9 +1,10 @@
 """The stage graph of a sweep: what each stage reads, how its key is formed, how it is built.
 
-    dataset -> autoencoder -> latents ----------------------------> fm_model -> samples -> metrics
-            \\-> extractor -> data_features -> subset (fraction,      ^  (subset,   (fixed
-                              probe fm_model -> scores -/  criterion,  |   width,     seeds)
-                                                            seed) -----/   seed)
+    dataset --> autoencoder --> latents ------------------------+--> fm_model --> samples --> metrics
+       |                                                        |    (subset,     (fixed
+       +--> extractor --> data_features --+                     |     width,       seeds)
+                                          +--> subset ----------+     seed)
+            probe fm_model --> scores ----+    (fraction, criterion, seed)
 
 Every stage is a `StageRef` (see `orchestrator.cache`) built by a function of the ref and the
 folders of its upstream stages, which writes the stage's files: tensors as safetensors, small
@@ -72,7 +73,13 @@ GRID_IMAGES = 64
 PROBE_SEED = 0
 # Same-seed pairs shuffled with this seed give the "unrelated" stability baseline.
 UNRELATED_SEED = 0
-FEATURES_FILE = "features.safetensors"
+# Files of the stages (each tensor file holds the named tensors).
+LATENTS_FILE = "latents.safetensors"  # latents (N, c, h, w), labels (N,)
+FEATURES_FILE = "features.safetensors"  # features (N, D)
+INDICES_FILE = "indices.safetensors"  # indices (n,)
+SCORES_FILE = "scores.safetensors"  # scores (N,)
+SAMPLES_FILE = "samples.safetensors"  # latents, grid, features_fid, features_stability[, labels]
+METRICS_FILE = "metrics.json"
 # What the metrics stage writes for every trial (the same keys everywhere, for MLflow's Compare).
 METRIC_KEYS = (
     "fid",
@@ -111,10 +118,33 @@ def load_training_data(
     cache: StageCache, latents: StageRef, subset: StageRef, conditional: bool
 ) -> tuple[Tensor, Tensor | None]:
     """(latents (n, C, H, W), labels (n,) or None) of a subset; runs on Ray Train workers."""
-    tensors = load_file(str(cache.local_dir(latents) / "latents.safetensors"))
-    indices = load_file(str(cache.local_dir(subset) / "indices.safetensors"))["indices"]
+    tensors = load_file(str(cache.local_dir(latents) / LATENTS_FILE))
+    indices = load_file(str(cache.local_dir(subset) / INDICES_FILE))["indices"]
     labels = tensors["labels"][indices] if conditional else None
     return tensors["latents"][indices], labels
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """Samples of some seeds: latents (N, c, h, w), labels (N,) or None, the ODE time in
+    seconds, and the function evaluations of the coarse and fine model."""
+
+    latents: Tensor
+    labels: Tensor | None
+    seconds: float
+    nfe_coarse: int
+    nfe_fine: int
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Median sampling seconds of the reference alone and of a trial's sampler on one batch,
+    with the trial sampler's function evaluations per model."""
+
+    reference_s: float
+    trial_s: float
+    nfe_coarse: int
+    nfe_fine: int
 
 
 @dataclass(frozen=True)
@@ -317,6 +347,10 @@ class StageGraph:
                 self.get(upstream)
         return self.cache.get(ref, functools.partial(self._builders[ref.stage], ref))
 
+    def tensors(self, ref: StageRef, filename: str) -> dict[str, Tensor]:
+        """The tensors of one file of a stage (built first when missing)."""
+        return load_file(str(self.get(ref) / filename))
+
     def _split(self, split: str) -> ImageDataset:
         data = self.cfg.data
         dataset = load_dataset(data.name, split, data.root, data.image_size)
@@ -374,7 +408,7 @@ class StageGraph:
         latents = encode(self.load_autoencoder(), train.images, progress=self.progress)
         save_file(
             {"latents": latents.contiguous(), "labels": train.labels.contiguous()},
-            str(folder / "latents.safetensors"),
+            str(folder / LATENTS_FILE),
         )
         info = {"shape": list(latents.shape), "num_classes": train.num_classes}
         _write_json(folder / INFO_FILE, info)
@@ -395,8 +429,7 @@ class StageGraph:
         save_file({"features": features.contiguous()}, str(folder / FEATURES_FILE))
 
     def _build_subset(self, ref: StageRef, folder: Path) -> None:
-        latents_folder = self.get(ref.upstream["latents"])
-        labels = load_file(str(latents_folder / "latents.safetensors"))["labels"]
+        labels = self.tensors(ref.upstream["latents"], LATENTS_FILE)["labels"]
         n = labels.shape[0]
         criterion = ref.inputs["criterion"]
         if criterion == FULL_SUBSET:
@@ -404,13 +437,9 @@ class StageGraph:
         else:
             features = scores = None
             if "features" in ref.upstream:
-                features = load_file(str(self.get(ref.upstream["features"]) / FEATURES_FILE))[
-                    "features"
-                ]
+                features = self.tensors(ref.upstream["features"], FEATURES_FILE)["features"]
             if "scores" in ref.upstream:
-                scores = load_file(str(self.get(ref.upstream["scores"]) / "scores.safetensors"))[
-                    "scores"
-                ]
+                scores = self.tensors(ref.upstream["scores"], SCORES_FILE)["scores"]
             indices = select(
                 criterion,
                 ref.inputs["fraction"],
@@ -420,12 +449,12 @@ class StageGraph:
                 seed=ref.inputs.get("seed", 0),
                 num_samples=n,
             )
-        save_file({"indices": indices.contiguous()}, str(folder / "indices.safetensors"))
+        save_file({"indices": indices.contiguous()}, str(folder / INDICES_FILE))
         info = {"size": int(indices.numel()), "labels_used": labels_needed(labels, indices)}
         _write_json(folder / INFO_FILE, info)
 
     def _build_scores(self, ref: StageRef, folder: Path) -> None:
-        tensors = load_file(str(self.get(ref.upstream["latents"]) / "latents.safetensors"))
+        tensors = self.tensors(ref.upstream["latents"], LATENTS_FILE)
         probe = self.load_model(ref.upstream["probe"])
         labels = tensors["labels"].to(_device()) if probe.config.num_classes else None
         scores = per_sample_scores(
@@ -438,12 +467,11 @@ class StageGraph:
             labels=labels,
             progress=self.progress,
         )
-        save_file({"scores": scores.contiguous()}, str(folder / "scores.safetensors"))
+        save_file({"scores": scores.contiguous()}, str(folder / SCORES_FILE))
 
     def _build_fm_model(self, ref: StageRef, folder: Path) -> None:
         latents_ref, subset_ref = ref.upstream["latents"], ref.upstream["subset"]
         info = read_info(self.get(latents_ref))
-        self.get(subset_ref)
         channels, side = info["shape"][1], info["shape"][-1]
         conditional = ref.inputs["conditional"]
         velocity = VelocityConfig(
@@ -476,11 +504,11 @@ class StageGraph:
 
     def _sample(
         self, coarse: VelocityModel, fine: VelocityModel, seeds: list[int], t_split: float
-    ) -> tuple[Tensor, Tensor | None, float, int, int]:
-        """(latents, labels, seconds, nfe_coarse, nfe_fine) of coarse-to-fine sampling of seeds.
+    ) -> Sampled:
+        """Coarse-to-fine sampling of `seeds` in batches (t_split = 1: the coarse model alone).
 
-        t_split = 1 is the coarse model alone. Sample i starts from seeded_noise(seeds[i]) and,
-        for a conditional model, has class label seeds[i] mod num_classes.
+        Sample i starts from seeded_noise(seeds[i]) and, for a conditional model, has class
+        label seeds[i] mod num_classes.
         """
         sampling = self.cfg.sampling
         shape = (coarse.config.in_channels, coarse.config.sample_size, coarse.config.sample_size)
@@ -505,7 +533,7 @@ class StageGraph:
             nfe_coarse += result.nfe_coarse
             nfe_fine += result.nfe_fine
         labels_all = torch.cat(label_parts) if label_parts else None
-        return torch.cat(parts), labels_all, seconds, nfe_coarse, nfe_fine
+        return Sampled(torch.cat(parts), labels_all, seconds, nfe_coarse, nfe_fine)
 
     def _build_samples(self, ref: StageRef, folder: Path) -> None:
         sampling = self.cfg.sampling
@@ -513,58 +541,51 @@ class StageGraph:
         fine = self.load_model(ref.upstream["fine"]) if "fine" in ref.upstream else coarse
         t_split = ref.inputs["t_split"]
         seeds = list(range(sampling.first_seed, sampling.first_seed + sampling.num_samples))
-        latents, labels, seconds, nfe_coarse, nfe_fine = self._sample(
-            coarse, fine, seeds, 1.0 if t_split is None else t_split
-        )
-        images = decode(self.load_autoencoder(), latents, progress=self.progress)
-        tensors = {"latents": latents, "grid": images[:GRID_IMAGES]}
+        sampled = self._sample(coarse, fine, seeds, 1.0 if t_split is None else t_split)
+        images = decode(self.load_autoencoder(), sampled.latents, progress=self.progress)
+        tensors = {"latents": sampled.latents, "grid": images[:GRID_IMAGES]}
         for role in ("fid", "stability"):
             tensors[f"features_{role}"] = self.load_extractor(role)(images, progress=self.progress)
-        if labels is not None:
-            tensors["labels"] = labels
-        save_file(
-            {k: v.contiguous() for k, v in tensors.items()}, str(folder / "samples.safetensors")
-        )
+        if sampled.labels is not None:
+            tensors["labels"] = sampled.labels
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / SAMPLES_FILE))
         info = {
-            "seconds": seconds,
-            "nfe_coarse": nfe_coarse,
-            "nfe_fine": nfe_fine,
+            "seconds": sampled.seconds,
+            "nfe_coarse": sampled.nfe_coarse,
+            "nfe_fine": sampled.nfe_fine,
             "seeds": [seeds[0], seeds[-1]],
         }
         _write_json(folder / INFO_FILE, info)
 
     def load_samples(self, ref: StageRef) -> dict[str, Tensor]:
         """The tensors of a samples stage: latents, grid, features_fid, features_stability, labels."""
-        return load_file(str(self.get(ref) / "samples.safetensors"))
+        return self.tensors(ref, SAMPLES_FILE)
 
-    def _timing(
-        self, model: VelocityModel, reference: VelocityModel, t_split: float
-    ) -> tuple[float, float, int, int]:
-        """Median seconds of (reference alone, this trial's sampler) on one batch, side by side."""
+    def _timing(self, model: VelocityModel, reference: VelocityModel, t_split: float) -> Timing:
+        """Reference alone vs this trial's sampler on one batch, interleaved, medians kept."""
         sampling = self.cfg.sampling
-        seeds = list(
-            range(
-                sampling.first_seed,
-                sampling.first_seed + min(sampling.batch_size, sampling.num_samples),
-            )
-        )
-        times_ref, times_trial, nfe = [], [], (0, 0)
+        count = min(sampling.batch_size, sampling.num_samples)
+        seeds = list(range(sampling.first_seed, sampling.first_seed + count))
         # One untimed pass of each first: lazy initialisation and allocator warm-up.
         self._sample(reference, reference, seeds, 0.0)
-        self._sample(model, reference, seeds, t_split)
+        trial = self._sample(model, reference, seeds, t_split)
+        times_reference, times_trial = [], []
         for _ in range(sampling.timing_repeats):
-            times_ref.append(self._sample(reference, reference, seeds, 0.0)[2])
-            _, _, seconds, nfe_coarse, nfe_fine = self._sample(model, reference, seeds, t_split)
-            times_trial.append(seconds)
-            nfe = (nfe_coarse, nfe_fine)
-        return statistics.median(times_ref), statistics.median(times_trial), nfe[0], nfe[1]
+            times_reference.append(self._sample(reference, reference, seeds, 0.0).seconds)
+            times_trial.append(self._sample(model, reference, seeds, t_split).seconds)
+        return Timing(
+            statistics.median(times_reference),
+            statistics.median(times_trial),
+            trial.nfe_coarse,
+            trial.nfe_fine,
+        )
 
     def _build_metrics(self, ref: StageRef, folder: Path) -> None:
         up = ref.upstream
         samples = self.load_samples(up["samples"])
         model_samples = self.load_samples(up["model_samples"])
         reference_samples = self.load_samples(up["reference_samples"])
-        heldout = load_file(str(self.get(up["heldout_features"]) / FEATURES_FILE))["features"]
+        heldout = self.tensors(up["heldout_features"], FEATURES_FILE)["features"]
         stats = ReferenceStats.from_features(heldout)
         precision, recall = precision_recall(heldout, samples["features_fid"])
         result = stability(
@@ -574,9 +595,7 @@ class StageGraph:
         )
         model, reference = self.load_model(up["model"]), self.load_model(up["reference"])
         t_split = ref.inputs["t_split"]
-        time_ref, time_trial, nfe_coarse, nfe_fine = self._timing(
-            model, reference, 1.0 if t_split is None else t_split
-        )
+        timing = self._timing(model, reference, 1.0 if t_split is None else t_split)
         probe = seeded_noise(
             [self.cfg.sampling.first_seed],
             (model.config.in_channels, model.config.sample_size, model.config.sample_size),
@@ -594,8 +613,10 @@ class StageGraph:
             "stability_unrelated": result.unrelated,
             "stability_similarity_centred": result.centred_similarity,
             "stability_unrelated_centred": result.centred_unrelated,
-            "speedup": time_ref / time_trial,
-            "flop_speedup": flop_speedup_bound(flops_model, flops_reference, nfe_coarse, nfe_fine),
+            "speedup": timing.reference_s / timing.trial_s,
+            "flop_speedup": flop_speedup_bound(
+                flops_model, flops_reference, timing.nfe_coarse, timing.nfe_fine
+            ),
             "train_time_s": float(
                 read_info(self.get(up["model"])).get("train_elapsed_s", float("nan"))
             ),
@@ -603,8 +624,8 @@ class StageGraph:
             "subset_size": float(subset_info["size"]),
             "labels_used": float(subset_info["labels_used"] if self.cfg.data.conditional else 0),
         }
-        _write_json(folder / "metrics.json", metrics)
+        _write_json(folder / METRICS_FILE, metrics)
 
     def metrics(self, trial: Trial) -> dict[str, float]:
         """The trial's metrics, building every stage they need that is not cached yet."""
-        return json.loads((self.get(self.trial(trial).metrics) / "metrics.json").read_text())
+        return json.loads((self.get(self.trial(trial).metrics) / METRICS_FILE).read_text())
