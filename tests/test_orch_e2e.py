@@ -9,21 +9,27 @@ a second run of the same sweep, which builds nothing.
 from __future__ import annotations
 
 import math
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from conftest import tiny_overrides
 from mlflow import MlflowClient
+from ray import cloudpickle
 
 from orchestrator import cli, tracking
+from orchestrator.cache import StageCache, StageRef
 from orchestrator.config import load_sweep
+from orchestrator.locks import LOCKS_ACTOR, LOCKS_NAMESPACE
 from orchestrator.stages import METRIC_KEYS, StageGraph
 from orchestrator.storage import Storage
 from orchestrator.sweep import cache_for, can_resume, run_sweep
 from orchestrator.trials import expand_trials
 
 pytestmark = pytest.mark.integration
+# Ray workers cannot import this test module: its functions travel by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 TINY = Path(__file__).resolve().parents[1] / "sweeps" / "tiny.yaml"
 TRIAL_PARAMS = {
@@ -127,3 +133,34 @@ def test_train_and_sample_commands_reuse_the_sweep_stages(
     assert png.stat().st_size > 0
     if records:  # after the sweep above, both stages come from the cache
         assert len(cache_for(cfg).records()) == records
+
+
+def _build_slowly(root: str, start_at: float) -> str:
+    """A Ray task: get one cache entry whose build takes a while (all tasks race for it)."""
+    import time
+
+    def build(folder: Path) -> None:
+        time.sleep(1.0)
+        (folder / "out.txt").write_text("built once")
+
+    time.sleep(max(0.0, start_at - time.time()))
+    return str(StageCache(Storage(root), poll_s=0.1).get(StageRef("race", "1", {"n": 1}), build))
+
+
+def test_concurrent_drivers_build_a_stage_once_through_the_lock_actor(
+    ray_local: None, tmp_path: Path
+) -> None:
+    import time
+
+    import ray
+
+    # CPU-free tasks, so all four run at once even on 2 CPUs.
+    task = ray.remote(num_cpus=0)(_build_slowly)
+    start_at = time.time() + 2.0
+    folders = ray.get([task.remote(str(tmp_path), start_at) for _ in range(4)])
+    assert len(set(folders)) == 1
+    assert (Path(folders[0]) / "out.txt").read_text() == "built once"
+    assert len(StageCache(Storage(str(tmp_path))).records()) == 1
+    # The leases came from the cluster's lock actor, not from file locks.
+    assert ray.get_actor(LOCKS_ACTOR, namespace=LOCKS_NAMESPACE) is not None
+    assert not (tmp_path / "cache" / "_locks").exists()
