@@ -19,6 +19,7 @@ from lfm_core.errors import ConfigError, check_range
 from lfm_core.paths import interpolate, per_sample_fm_loss
 from lfm_core.solvers import NFECounter, sample, uniform_grid
 from lfm_core.train import TrainConfig, TrainResult, train_velocity
+from lfm_core.velocity import VelocityModel
 
 
 class CoarseToFine:
@@ -187,7 +188,7 @@ class SeamLoss:
 
 
 def seam_finetune(
-    coarse: nn.Module,
+    coarse: VelocityModel,
     fine: nn.Module,
     latents: Tensor,
     t_split: float,

@@ -78,7 +78,7 @@ def run(cfg: DemoConfig) -> dict[str, float]:
     results["autoencoder_seconds"] = time.perf_counter() - started
     vae.save_pretrained(out / "autoencoder")
     results["heldout_psnr_db"] = reconstruction_psnr(vae, heldout.images)
-    results["scaling_factor"] = float(vae.config.scaling_factor)
+    results["scaling_factor"] = float(vae.config["scaling_factor"])
     latents = encode(vae, train.images)
     reconstructions = decode(vae, encode(vae, heldout.images, progress=False), progress=False)
     spread = torch.linspace(0, len(heldout.images) - 1, 16).long()  # the split is sorted by class

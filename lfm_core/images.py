@@ -34,7 +34,9 @@ def save_grid(images: Tensor, path: str | Path, nrow: int = 8, scale: int = 2) -
     """Write a PNG grid of (N, C, H, W) images in [-1, 1], upscaled by `scale` for viewing."""
     tiles = grid(images, nrow)
     picture = Image.fromarray(tiles[..., 0] if tiles.shape[-1] == 1 else tiles)
-    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    picture = picture.resize(
+        (picture.width * scale, picture.height * scale), Image.Resampling.NEAREST
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     picture.save(path)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from accelerate import Accelerator
@@ -131,8 +132,9 @@ def train_velocity(
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)
     data = latents.to(accelerator.device)
-    conditional = labels is not None and model.config.num_classes > 0
-    label_data = labels.to(accelerator.device) if conditional else None
+    label_data = None
+    if labels is not None and model.config.num_classes > 0:
+        label_data = labels.to(accelerator.device)
 
     def save(step: int) -> str | None:
         if out_dir is None or not accelerator.is_main_process:
@@ -187,10 +189,10 @@ def train_velocity(
                 metrics = {"loss": mean_loss, "step": float(done), "world_size": float(world)}
                 report(done, metrics, ckpt)
     seconds = time.perf_counter() - started
-    trained = accelerator.unwrap_model(wrapped).cpu().eval()
+    trained = cast(VelocityModel, accelerator.unwrap_model(wrapped).cpu().eval())
     return TrainResult(
         model=trained,
-        ema=ema.module.cpu().eval(),
+        ema=cast(VelocityModel, ema.module.cpu().eval()),
         steps=cfg.steps,
         seconds=seconds,
         world_size=world,

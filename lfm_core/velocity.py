@@ -90,7 +90,7 @@ class UNetVelocity(VelocityModel):
         )
 
     def velocity(self, x: Tensor, t: Tensor, class_labels: Tensor | None) -> Tensor:
-        return self.unet(x, t * TIME_SCALE, class_labels=class_labels).sample
+        return self.unet(x, t * TIME_SCALE, class_labels=class_labels).sample  # type: ignore[operator]
 
 
 def _sincos_2d(dim: int, grid: int) -> Tensor:
@@ -108,6 +108,12 @@ def timestep_embedding(t: Tensor, dim: int) -> Tensor:
     freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
     args = (t.float() * TIME_SCALE)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def _zero(layer: nn.Linear) -> None:
+    """adaLN-Zero: the layer starts at 0, so every block starts as the identity."""
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
 
 
 def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -128,9 +134,9 @@ class DiTBlock(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim)
         )
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-        nn.init.zeros_(self.ada[1].weight)
-        nn.init.zeros_(self.ada[1].bias)
+        ada_linear = nn.Linear(dim, 6 * dim)
+        _zero(ada_linear)
+        self.ada = nn.Sequential(nn.SiLU(), ada_linear)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         """x: (B, N, D) tokens, c: (B, D) conditioning."""
@@ -167,11 +173,11 @@ class DiTVelocity(VelocityModel):
         self.label_embed = nn.Embedding(config.num_classes + 1, dim) if config.num_classes else None
         self.blocks = nn.ModuleList(DiTBlock(dim, heads) for _ in range(depth))
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        ada_out_linear = nn.Linear(dim, 2 * dim)
+        self.ada_out = nn.Sequential(nn.SiLU(), ada_out_linear)
         self.out = nn.Linear(dim, self.patch * self.patch * c)
-        for layer in (self.ada_out[1], self.out):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        for layer in (ada_out_linear, self.out):
+            _zero(layer)
 
     def velocity(self, x: Tensor, t: Tensor, class_labels: Tensor | None) -> Tensor:
         b, c, h, w = x.shape

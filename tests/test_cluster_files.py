@@ -23,6 +23,7 @@ import copy
 import re
 import shlex
 import socket
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,6 @@ from typing import Any
 import jsonschema
 import pytest
 import ray
-import tomllib
 import yaml
 from packaging.requirements import Requirement
 from ray.autoscaler._private.kuberay.autoscaling_config import (
