@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m lfm_core.demo
+	$(BIN)/lfm sweep sweeps/quickstart.yaml
 
 demo: $(STAMP)
 	$(BIN)/python -m lfm_core.demo

@@ -15,8 +15,6 @@ cached already) without starting anything.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import logging
 import sys
@@ -27,14 +25,15 @@ from omegaconf import OmegaConf
 
 from lfm_core.errors import ConfigError
 from orchestrator.cache import StageRef
-from orchestrator.config import SweepConfig, load_sweep
+from orchestrator.config import DEFAULT_RESULTS_DIR, SweepConfig, load_sweep
+from orchestrator.report import build_report
+from orchestrator.report import main as report_main
 from orchestrator.trials import Trial, expand_trials
 
 EXIT_BAD_INPUT = 2
 EXIT_TRIALS_FAILED = 1
 HEADLINE = ("fid", "stability_similarity", "stability_unrelated", "speedup", "train_time_s")
 POINT_STUDY = "cli"
-REPORT_MODULE = "orchestrator.report"
 
 
 def _add_sweep_file(parser: argparse.ArgumentParser) -> None:
@@ -157,6 +156,12 @@ def where_to_look(cfg: SweepConfig) -> str:
     return f"MLflow: {ui}\nresults folder: {cfg.storage_uri}"
 
 
+def _report_dir(cfg: SweepConfig) -> Path:
+    """Where a sweep writes its report: under local storage, else under ./results."""
+    root = cfg.storage_uri if not cfg.storage_uri.startswith("s3://") else DEFAULT_RESULTS_DIR
+    return Path(root).resolve() / "report" / cfg.experiment
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from orchestrator.sweep import run_sweep
 
@@ -176,6 +181,9 @@ def _sweep(args: argparse.Namespace) -> int:
         print(f"  {name:<{width}}  {row}")
     for name in outcome.errors:
         print(f"  FAILED: {name}")
+    if outcome.metrics:
+        report = build_report(cfg.experiment, _report_dir(cfg), tracking_uri=cfg.tracking_uri)
+        print(f"report: {report.out_dir / 'report.md'}")
     print(where_to_look(cfg))
     return EXIT_TRIALS_FAILED if outcome.errors else 0
 
@@ -223,9 +231,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _report(argv: list[str]) -> int:
-    if importlib.util.find_spec(REPORT_MODULE) is None:
-        raise ConfigError("not available yet: the report lands with issue 5")
-    return importlib.import_module(REPORT_MODULE).main(argv) or 0
+    return report_main(argv) or 0
 
 
 COMMANDS = {"sweep": _sweep, "validate": _validate, "train": _train, "sample": _sample}

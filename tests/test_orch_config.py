@@ -227,16 +227,6 @@ def test_cli_reports_bad_input_in_one_line_before_ray_starts(
     assert not ray.is_initialized()
 
 
-def test_report_without_the_report_module_says_so(capsys: pytest.CaptureFixture) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("orchestrator.report") is not None:
-        pytest.skip("the report module has landed; its own tests cover `lfm report`")
-    with pytest.raises(SystemExit):
-        cli.main(["report", "--experiment", "x", "--out", "y"])
-    assert "issue 5" in capsys.readouterr().err
-
-
 def test_dry_run_lists_trials_and_stages(
     sweep_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
