@@ -41,7 +41,7 @@ class DemoConfig:
 
     out: str = "results/demo"
     ae_epochs: int = 4
-    model: str = "dit-xs"
+    model: str = "unet-s"
     width: int | None = None
     fm_steps: int = 2000
     batch_size: int = 128
