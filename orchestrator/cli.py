@@ -20,6 +20,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import OmegaConf
 
@@ -29,6 +30,9 @@ from orchestrator.config import DEFAULT_RESULTS_DIR, SweepConfig, load_sweep
 from orchestrator.report import build_report
 from orchestrator.report import main as report_main
 from orchestrator.trials import Trial, expand_trials
+
+if TYPE_CHECKING:
+    from orchestrator.stages import StageGraph
 
 EXIT_BAD_INPUT = 2
 EXIT_TRIALS_FAILED = 1
@@ -195,38 +199,42 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
-    from orchestrator.stages import StageGraph, read_info
+def _point_graph(args: argparse.Namespace) -> tuple[StageGraph, Trial] | None:
+    """The stage graph and trial of `lfm train` / `lfm sample`; None after a dry run."""
+    from orchestrator.stages import StageGraph
     from orchestrator.sweep import cache_for, init_ray
 
     cfg, trial = _point_config(args)
     if args.dry_run:
         print_plan(cfg, [trial])
-        return 0
+        return None
     init_ray(cfg, args.address)
-    graph = StageGraph(cfg, cache_for(cfg))
-    folder = graph.get(graph.trial(trial).model)
-    print(json.dumps(read_info(folder), indent=2, sort_keys=True))
-    print(f"checkpoint: {folder}")
+    return StageGraph(cfg, cache_for(cfg)), trial
+
+
+def _train(args: argparse.Namespace) -> int:
+    from orchestrator.stages import read_info
+
+    point = _point_graph(args)
+    if point is not None:
+        graph, trial = point
+        folder = graph.get(graph.trial(trial).model)
+        print(json.dumps(read_info(folder), indent=2, sort_keys=True))
+        print(f"checkpoint: {folder}")
     return 0
 
 
 def _sample(args: argparse.Namespace) -> int:
     from lfm_core.images import save_grid
-    from orchestrator.stages import StageGraph, read_info
-    from orchestrator.sweep import cache_for, init_ray
+    from orchestrator.stages import read_info
 
-    cfg, trial = _point_config(args)
-    if args.dry_run:
-        print_plan(cfg, [trial])
-        return 0
-    init_ray(cfg, args.address)
-    graph = StageGraph(cfg, cache_for(cfg))
-    ref = graph.trial(trial).samples
-    grid = graph.load_samples(ref)["grid"]
-    out = save_grid(grid, Path(args.out))
-    print(json.dumps(read_info(graph.get(ref)), indent=2, sort_keys=True))
-    print(f"samples: {out}")
+    point = _point_graph(args)
+    if point is not None:
+        graph, trial = point
+        ref = graph.trial(trial).samples
+        out = save_grid(graph.load_samples(ref)["grid"], Path(args.out))
+        print(json.dumps(read_info(graph.get(ref)), indent=2, sort_keys=True))
+        print(f"samples: {out}")
     return 0
 
 
