@@ -31,12 +31,11 @@ from tqdm.auto import tqdm
 
 from benchmarks.common import (
     RESULTS_DIR,
+    benchmark_main,
     goal,
     load_average,
     machine,
     median,
-    parse_config,
-    print_config,
     usable_cores,
     write_json,
 )
@@ -521,14 +520,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, dry_run = parse_config(
-        C2FConfig(), TINY, argv, f"python -m benchmarks.{NAME}", __doc__.split("\n")[0]
-    )
-    print_config(cfg)
-    if dry_run:
-        return
-    result = run(cfg)
-    print(markdown(result))
+    benchmark_main(C2FConfig(), TINY, argv, NAME, __doc__ or "", run, markdown)
 
 
 if __name__ == "__main__":

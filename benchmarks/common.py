@@ -13,7 +13,7 @@ import platform
 import statistics
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -189,3 +189,22 @@ def parse_config(
 def print_config(cfg: Any) -> None:
     """The resolved config as JSON (what --dry-run shows and every result file records)."""
     print(json.dumps(_clean(cfg), indent=2))
+
+
+def benchmark_main(
+    default: Any,
+    tiny: Any,
+    argv: list[str] | None,
+    name: str,
+    doc: str,
+    run: Callable[[Any], dict],
+    markdown: Callable[[dict], str],
+) -> None:
+    """The command line of one benchmark: parse flags, print the config, run, print Markdown."""
+    cfg, dry_run = parse_config(
+        default, tiny, argv, f"python -m benchmarks.{name}", doc.split("\n")[0]
+    )
+    print_config(cfg)
+    if dry_run:
+        return
+    print(markdown(run(cfg)))

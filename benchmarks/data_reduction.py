@@ -31,10 +31,9 @@ from tqdm.auto import tqdm
 
 from benchmarks.common import (
     RESULTS_DIR,
+    benchmark_main,
     load_average,
     machine,
-    parse_config,
-    print_config,
     usable_cores,
     write_json,
 )
@@ -323,13 +322,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, dry_run = parse_config(
-        DataReductionConfig(), TINY, argv, f"python -m benchmarks.{NAME}", __doc__.split("\n")[0]
-    )
-    print_config(cfg)
-    if dry_run:
-        return
-    print(markdown(run(cfg)))
+    benchmark_main(DataReductionConfig(), TINY, argv, NAME, __doc__ or "", run, markdown)
 
 
 if __name__ == "__main__":

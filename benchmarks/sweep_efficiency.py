@@ -25,11 +25,10 @@ from typing import Any
 
 from benchmarks.common import (
     RESULTS_DIR,
+    benchmark_main,
     goal,
     load_average,
     machine,
-    parse_config,
-    print_config,
     write_json,
 )
 from lfm_core.errors import check_range
@@ -206,13 +205,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, dry_run = parse_config(
-        SweepBenchConfig(), TINY, argv, f"python -m benchmarks.{NAME}", __doc__.split("\n")[0]
-    )
-    print_config(cfg)
-    if dry_run:
-        return
-    print(markdown(run(cfg)))
+    benchmark_main(SweepBenchConfig(), TINY, argv, NAME, __doc__ or "", run, markdown)
 
 
 if __name__ == "__main__":
