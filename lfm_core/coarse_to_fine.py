@@ -112,6 +112,10 @@ def flop_speedup_bound(flops_coarse: int, flops_fine: int, nfe_coarse: int, nfe_
     return flops_fine * (nfe_coarse + nfe_fine) / total
 
 
+# The switch times choose_t_split tries by default.
+T_SPLIT_CANDIDATES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
 @dataclass(frozen=True)
 class TSplitChoice:
     """The chosen t_split and the similarity to fine-only samples of every candidate tried."""
@@ -126,7 +130,7 @@ def choose_t_split(
     x_init: Tensor,
     *,
     budget: float = 0.05,
-    candidates: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    candidates: Sequence[float] = T_SPLIT_CANDIDATES,
     features: Callable[[Tensor], Tensor] | None = None,
     steps: int = 60,
     method: str = "euler",

@@ -172,6 +172,10 @@ class SamplingSection:
         batch_size: samples per forward pass.
         guidance_scale: classifier-free guidance scale of conditional models (1: none).
         timing_repeats: repeats of the side-by-side timing behind `speedup` (median kept).
+        t_split_budget: the automatically chosen t_split of a coarse-to-fine pair is the largest
+            whose samples keep a mean same-seed cosine similarity (stability features) of at
+            least 1 - t_split_budget to the fine model's own samples.
+        t_split_calibration: calibration seeds (the first ones) behind that choice.
     """
 
     steps: int = 20
@@ -181,6 +185,8 @@ class SamplingSection:
     batch_size: int = 250
     guidance_scale: float = 1.0
     timing_repeats: int = 3
+    t_split_budget: float = 0.05
+    t_split_calibration: int = 64
 
 
 @dataclass(frozen=True)
@@ -452,8 +458,9 @@ def validate(cfg: SweepConfig) -> None:
     _check_positive("scoring.num_clusters", cfg.scoring.num_clusters, optional=True)
     for key in ("probe_steps", "num_noise", "batch_size"):
         _check_positive(f"scoring.{key}", getattr(cfg.scoring, key))
-    for key in ("steps", "num_samples", "batch_size", "timing_repeats"):
+    for key in ("steps", "num_samples", "batch_size", "timing_repeats", "t_split_calibration"):
         _check_positive(f"sampling.{key}", getattr(cfg.sampling, key))
+    check_range("sampling.t_split_budget", cfg.sampling.t_split_budget, 0.0, 1.0)
     if cfg.sampling.num_samples < 2:
         raise ConfigError(f"sampling.num_samples: {cfg.sampling.num_samples} must be >= 2")
     check_choice("sampling.solver", cfg.sampling.solver, METHODS)

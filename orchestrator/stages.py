@@ -37,7 +37,13 @@ from lfm_core.autoencoder import (
     train_autoencoder,
 )
 from lfm_core.checkpoint import load_velocity, save_velocity
-from lfm_core.coarse_to_fine import flop_speedup_bound, forward_flops, sample_coarse_to_fine
+from lfm_core.coarse_to_fine import (
+    T_SPLIT_CANDIDATES,
+    choose_t_split,
+    flop_speedup_bound,
+    forward_flops,
+    sample_coarse_to_fine,
+)
 from lfm_core.criteria import SCORE_CRITERIA, labels_needed, per_sample_scores, select
 from lfm_core.data import ImageDataset, load_dataset
 from lfm_core.features import FeatureExtractor, build_feature_extractor
@@ -48,6 +54,7 @@ from lfm_core.velocity import VelocityConfig, VelocityModel
 from orchestrator.cache import StageCache, StageRef
 from orchestrator.config import SweepConfig
 from orchestrator.ray_train import fit_velocity
+from orchestrator.report_tables import CHOSEN_T_SPLIT
 from orchestrator.trials import Trial
 
 # Bump a stage's version when its code would write different files for the same inputs.
@@ -61,6 +68,7 @@ VERSIONS = {
     "scores": "1",
     "fm_model": "1",
     "samples": "1",
+    "t_split_choice": "1",
     "metrics": "1",
 }
 # Stages read from their source rather than stored in the cache.
@@ -98,6 +106,7 @@ METRIC_KEYS = (
     "subset_size",
     "labels_used",
 )
+# Coarse-to-fine trials also log CHOSEN_T_SPLIT, their pair's automatically chosen t_split.
 INFO_FILE = "info.json"
 
 
@@ -122,6 +131,13 @@ def load_training_data(
     indices = load_file(str(cache.local_dir(subset) / INDICES_FILE))["indices"]
     labels = tensors["labels"][indices] if conditional else None
     return tensors["latents"][indices], labels
+
+
+def _labels(model: VelocityModel, seeds: list[int]) -> Tensor | None:
+    """Class labels (N,) of the samples of `seeds` (seed mod num_classes); None: unconditional."""
+    if not model.config.num_classes:
+        return None
+    return torch.tensor(seeds, device=_device()) % model.config.num_classes
 
 
 @dataclass(frozen=True)
@@ -189,6 +205,7 @@ class StageGraph:
             "scores": self._build_scores,
             "fm_model": self._build_fm_model,
             "samples": self._build_samples,
+            "t_split_choice": self._build_t_split_choice,
             "metrics": self._build_metrics,
         }
 
@@ -299,6 +316,26 @@ class StageGraph:
             upstream["fine"] = fine
         return StageRef("samples", VERSIONS["samples"], inputs, upstream)
 
+    def t_split_choice(self, coarse: StageRef, fine: StageRef) -> StageRef:
+        """The largest t_split of a pair within the similarity budget (lfm_core.choose_t_split)."""
+        sampling = self.cfg.sampling
+        inputs = {
+            "budget": sampling.t_split_budget,
+            "calibration": sampling.t_split_calibration,
+            "candidates": list(T_SPLIT_CANDIDATES),
+            "steps": sampling.steps,
+            "solver": sampling.solver,
+            "first_seed": sampling.first_seed,
+            "guidance_scale": sampling.guidance_scale,
+        }
+        upstream = {
+            "model": coarse,
+            "fine": fine,
+            "autoencoder": self.autoencoder(),
+            "stability_extractor": self.extractor("stability"),
+        }
+        return StageRef("t_split_choice", VERSIONS["t_split_choice"], inputs, upstream)
+
     def trial(self, trial: Trial) -> TrialRefs:
         """Every stage a trial's metrics depend on."""
         subset = self.subset(trial.data_fraction, trial.criterion, trial.seed)
@@ -323,6 +360,8 @@ class StageGraph:
             "heldout_features": self.data_features("fid", "heldout"),
             "latents": self.latents(),
         }
+        if trial.t_split is not None:
+            upstream["t_split_choice"] = self.t_split_choice(model, reference)
         metrics = StageRef("metrics", VERSIONS["metrics"], inputs, upstream)
         return TrialRefs(
             subset, model, reference, samples, model_samples, reference_samples, metrics
@@ -516,9 +555,8 @@ class StageGraph:
         for start in range(0, len(seeds), sampling.batch_size):
             batch = seeds[start : start + sampling.batch_size]
             x_init = seeded_noise(batch, shape, device=_device())
-            labels = None
-            if coarse.config.num_classes:
-                labels = torch.tensor(batch, device=_device()) % coarse.config.num_classes
+            labels = _labels(coarse, batch)
+            if labels is not None:
                 label_parts.append(labels.cpu())
             result = sample_coarse_to_fine(
                 self._sampler(coarse, labels),
@@ -556,6 +594,32 @@ class StageGraph:
             "seeds": [seeds[0], seeds[-1]],
         }
         _write_json(folder / INFO_FILE, info)
+
+    def _build_t_split_choice(self, ref: StageRef, folder: Path) -> None:
+        inputs = ref.inputs
+        coarse = self.load_model(ref.upstream["model"])
+        fine = self.load_model(ref.upstream["fine"])
+        vae = self.load_autoencoder()
+        extractor = self._extractor(ref.upstream["stability_extractor"])
+        seeds = list(range(inputs["first_seed"], inputs["first_seed"] + inputs["calibration"]))
+        shape = (coarse.config.in_channels, coarse.config.sample_size, coarse.config.sample_size)
+        labels = _labels(coarse, seeds)
+
+        def embed(latents: Tensor) -> Tensor:
+            return extractor(decode(vae, latents, progress=False), progress=False)
+
+        choice = choose_t_split(
+            self._sampler(coarse, labels),
+            self._sampler(fine, labels),
+            seeded_noise(seeds, shape, device=_device()),
+            budget=inputs["budget"],
+            candidates=inputs["candidates"],
+            features=embed,
+            steps=inputs["steps"],
+            method=inputs["solver"],
+        )
+        similarity = {str(t): s for t, s in sorted(choice.similarity.items())}
+        _write_json(folder / INFO_FILE, {"t_split": choice.t_split, "similarity": similarity})
 
     def load_samples(self, ref: StageRef) -> dict[str, Tensor]:
         """The tensors of a samples stage: latents, grid, features_fid, features_stability, labels."""
@@ -624,6 +688,8 @@ class StageGraph:
             "subset_size": float(subset_info["size"]),
             "labels_used": float(subset_info["labels_used"] if self.cfg.data.conditional else 0),
         }
+        if "t_split_choice" in up:
+            metrics[CHOSEN_T_SPLIT] = float(read_info(self.get(up["t_split_choice"]))["t_split"])
         _write_json(folder / METRICS_FILE, metrics)
 
     def metrics(self, trial: Trial) -> dict[str, float]:

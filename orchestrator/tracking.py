@@ -2,9 +2,9 @@
 
 Keys are the same in every run so MLflow's Compare view lines them up:
 params `study`, `data_fraction`, `criterion`, `width`, `seed`, `dataset`, `model`,
-`reference_model`, `train_steps` (and `t_split` on coarse-to-fine trials); metrics are the
-`metrics` stage's (`fid`, `stability_similarity`, `stability_unrelated`, `speedup`,
-`train_time_s`, `sample_time_s`, ...). Artefacts: the resolved config (`config.json`), a sample
+`reference_model`, `train_steps`, `conditional` (and `t_split` on coarse-to-fine trials);
+metrics are the `metrics` stage's (`fid`, `stability_similarity`, `stability_unrelated`,
+`speedup`, `train_time_s`, `sample_time_s`, ...; coarse-to-fine trials add `t_split_chosen`). Artefacts: the resolved config (`config.json`), a sample
 grid (`samples.png`) and a same-seed comparison grid (`comparison.png`: reference model on top,
 this trial below). A trial re-run (e.g. `lfm sweep --resume`) reuses its child run, found by
 the `lfm.trial` tag under the same parent, so there is one child per trial.
@@ -96,6 +96,7 @@ def trial_params(cfg: SweepConfig, trial: Trial) -> dict[str, str]:
         "model": cfg.model.name,
         "reference_model": cfg.reference.name,
         "train_steps": cfg.train.steps,
+        "conditional": cfg.data.conditional,
     }
     if trial.t_split is not None:
         params["t_split"] = trial.t_split

@@ -42,6 +42,7 @@ TRIAL_PARAMS = {
     "model",
     "reference_model",
     "train_steps",
+    "conditional",
 }
 
 
