@@ -48,7 +48,7 @@ from benchmarks.embedded import (
 from lfm_core.criteria import CRITERIA, SCORE_CRITERIA, per_sample_scores, select
 from lfm_core.errors import ConfigError, check_choice, check_range
 from lfm_core.metrics import fid
-from lfm_core.solvers import METHODS, sample, seeded_noise, uniform_grid
+from lfm_core.solvers import METHODS
 from lfm_core.train import TrainConfig
 from lfm_core.velocity import VELOCITY_SIZES, VelocityModel
 
@@ -151,17 +151,10 @@ def checkpoint_fids(
 ) -> list[dict[str, float]]:
     """FID of every checkpoint's EMA weights on the fixed seeds: [{step, seconds, fid}]."""
     seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.num_samples))
-    shape = data.latent_shape
     rows = []
     for checkpoint in tqdm(trained.checkpoints, desc="checkpoint FID", disable=not cfg.progress):
-        model = checkpoint.load("ema")
-        latents = torch.cat(
-            [
-                sample(model, seeded_noise(chunk, shape), uniform_grid(cfg.steps), cfg.solver)
-                for chunk in (
-                    seeds[i : i + cfg.sample_batch] for i in range(0, len(seeds), cfg.sample_batch)
-                )
-            ]
+        latents = data.sample(
+            checkpoint.load("ema"), seeds, cfg.steps, cfg.solver, cfg.sample_batch
         )
         rows.append(
             {"step": checkpoint.step, "seconds": checkpoint.seconds, "fid": data.fid(latents)}

@@ -46,6 +46,7 @@ from lfm_core.features import (
     train_classifier,
 )
 from lfm_core.metrics import ReferenceStats, fid
+from lfm_core.solvers import sample, seeded_noise, uniform_grid
 from lfm_core.train import TrainConfig, train_velocity
 from lfm_core.velocity import VelocityConfig, VelocityModel, build_velocity
 
@@ -132,6 +133,24 @@ class EmbeddedData:
         c, h, _ = self.latent_shape
         return VelocityConfig(name=name, in_channels=c, sample_size=h, width=width)
 
+    def sample(
+        self,
+        model: VelocityModel,
+        seeds: list[int],
+        steps: int,
+        solver: str = "euler",
+        batch_size: int = 500,
+    ) -> Tensor:
+        """Latents (N, C, h, w) of model's ODE from seeded_noise(seeds[i]), in batches."""
+        chunks = [seeds[i : i + batch_size] for i in range(0, len(seeds), batch_size)]
+        grid = uniform_grid(steps)
+        return torch.cat(
+            [
+                sample(model, seeded_noise(chunk, self.latent_shape), grid, solver)
+                for chunk in chunks
+            ]
+        )
+
     def images(self, latents: Tensor, progress: bool = False) -> Tensor:
         """Decoded images (N, 1, 32, 32) in [-1, 1] of scaled latents (N, C, h, w)."""
         return decode(self.vae, latents, progress=progress)
@@ -188,7 +207,10 @@ def load_embedded(
         vae.save_pretrained(folder / "vae")
         info["autoencoder_train_s"] = time.perf_counter() - started
         latents = encode(vae, train.images, progress=progress)
-        save_file({"latents": latents, "labels": train.labels}, str(folder / "latents.safetensors"))
+        save_file(
+            {"latents": latents.contiguous(), "labels": train.labels.contiguous()},
+            str(folder / "latents.safetensors"),
+        )
         facts = {
             "heldout_psnr_db": reconstruction_psnr(vae, heldout.images),
             "scaling_factor": float(vae.config.scaling_factor),
@@ -207,7 +229,7 @@ def load_embedded(
     )
     features_file = folder / "train_features.safetensors"
     if not features_file.is_file():
-        save_file({"features": extractor(train.images)}, str(features_file))
+        save_file({"features": extractor(train.images).contiguous()}, str(features_file))
     info.update(json.loads((folder / "info.json").read_text()))
     info["classifier_heldout_accuracy"] = float(extractor.heldout_accuracy)
     return EmbeddedData(
