@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from lfm_core.errors import ConfigError
 from lfm_core.velocity import VelocityConfig, VelocityModel, build_velocity
 
 CONFIG_FILE = "config.json"
+MAX_DETAIL_CHARS = 300
 
 
 def _sha256(path: Path) -> str:
@@ -70,9 +72,20 @@ def _manifest(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"checkpoint file not found: {path}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"checkpoint config is not valid JSON: {path} ({err.msg})") from None
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        reason = err.msg if isinstance(err, json.JSONDecodeError) else err.reason
+        raise ConfigError(f"checkpoint config is not valid JSON: {path} ({reason})") from None
+    if not (
+        isinstance(manifest, dict)
+        and isinstance(manifest.get("config"), dict)
+        and isinstance(manifest.get("files"), dict)
+    ):
+        raise ConfigError(
+            f"checkpoint config {path} must be an object with 'config' and 'files' objects "
+            "(as written by save_checkpoint)"
+        )
+    return manifest
 
 
 def load_config(directory: str | Path) -> dict[str, Any]:
@@ -85,7 +98,9 @@ def _verified(directory: Path, filename: str) -> Path:
     if not path.is_file():
         raise ConfigError(f"checkpoint file not found: {path}")
     expected = _manifest(directory)["files"].get(filename)
-    if expected is None or _sha256(path) != expected:
+    if expected is None:
+        raise ConfigError(f"checkpoint file {path} has no sha256 in {directory / CONFIG_FILE}")
+    if _sha256(path) != expected:
         raise ConfigError(f"checkpoint file is corrupt or truncated (sha256 mismatch): {path}")
     return path
 
@@ -102,7 +117,13 @@ def load_state(directory: str | Path, name: str) -> dict[str, Tensor]:
 def load_extra_state(directory: str | Path, name: str) -> Any:
     """Load `<name>.pt` (optimizer state and the like) with torch.load(weights_only=True)."""
     path = _verified(Path(directory), f"{name}.pt")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as err:  # torch's messages span many lines
+        raise ConfigError(
+            f"checkpoint file cannot be read with torch.load(weights_only=True): {path} "
+            f"({type(err).__name__}; it must hold only tensors and plain containers)"
+        ) from None
 
 
 def load_into(module: nn.Module, state: dict[str, Tensor], source: str | Path) -> None:
@@ -112,6 +133,8 @@ def load_into(module: nn.Module, state: dict[str, Tensor], source: str | Path) -
     except RuntimeError as err:
         first = str(err).strip().splitlines()
         detail = first[1].strip() if len(first) > 1 else first[0]
+        if len(detail) > MAX_DETAIL_CHARS:  # key lists of a different architecture run long
+            detail = detail[:MAX_DETAIL_CHARS] + " ..."
         raise ConfigError(f"checkpoint {source} does not fit the model: {detail}") from None
 
 
@@ -126,8 +149,11 @@ def save_velocity(
 def load_velocity(directory: str | Path, name: str = "model") -> VelocityModel:
     """Rebuild a velocity model from its saved config and load its weights (verified)."""
     config = load_config(directory)
-    if "velocity" not in config:
+    if not isinstance(config.get("velocity"), dict):
         raise ConfigError(f"checkpoint {directory} holds no velocity model config")
-    model = build_velocity(VelocityConfig(**config["velocity"]))
+    try:
+        model = build_velocity(VelocityConfig(**config["velocity"]))
+    except (TypeError, ConfigError) as err:  # TypeError: a key VelocityConfig does not have
+        raise ConfigError(f"checkpoint {directory}: velocity config: {err}") from None
     load_into(model, load_state(directory, name), directory)
     return model.eval()

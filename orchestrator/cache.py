@@ -7,7 +7,8 @@ values) and the refs of the stages it reads. Its key is the sha256 of the canoni
 Layout under the storage root::
 
     cache/<stage>/<key>/...files...   the artefacts (safetensors, JSON, checkpoints)
-    cache/<stage>/<key>/_COMPLETE     written last: a folder without it is not an entry
+    cache/<stage>/<key>/_COMPLETE     written last: a folder without it is not an entry; it
+                                      holds the ref and its manifest (each file's size)
     cache/_records/<stage>-<key>-<ns>-<pid>.json   one build record per build
 
 When several processes need the same entry, the holder of the build lease (`orchestrator.locks`)
@@ -40,6 +41,7 @@ CACHE_DIR = "cache"
 RECORDS_DIR = f"{CACHE_DIR}/_records"
 LOCKS_DIR = f"{CACHE_DIR}/_locks"
 COMPLETE = "_COMPLETE"
+MANIFEST_KEY = "files"
 LOCAL_CACHE_ENV = "LFM_LOCAL_CACHE"
 # Waiting for another process's build: FM training can take hours on a real cluster.
 DEFAULT_WAIT_TIMEOUT_S = 6 * 3600.0
@@ -80,7 +82,7 @@ class StageRef:
         return f"{CACHE_DIR}/{self.stage}/{self.key}"
 
     def describe(self) -> dict[str, Any]:
-        """What the key hashes: the JSON written into the `_COMPLETE` marker."""
+        """What the key hashes (written into the `_COMPLETE` marker with the manifest)."""
         return {
             "stage": self.stage,
             "version": self.version,
@@ -94,6 +96,15 @@ class StageRef:
         for ref in self.upstream.values():
             found.update(ref.closure())
         return found
+
+
+def manifest(folder: Path) -> dict[str, int]:
+    """Every file under `folder` (posix path relative to it) -> its size in bytes."""
+    return {
+        path.relative_to(folder).as_posix(): path.stat().st_size
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 def default_local_root() -> Path:
@@ -190,21 +201,36 @@ class StageCache:
             shutil.rmtree(final)  # leftovers of a build that died before its marker
         scratch.rename(final)
 
+    def _publish(self, ref: StageRef, scratch: Path, marker: str) -> None:
+        """Upload a built folder to remote storage, its marker last.
+
+        Raises:
+            OSError: one line naming the stage and the storage (the remote did not answer
+                within pyarrow's bounded retries); the entry is left without its marker.
+        """
+        try:
+            self.storage.delete(ref.rel)
+            self.storage.upload_dir(scratch, ref.rel)
+            self.storage.write_text(f"{ref.rel}/{COMPLETE}", marker)
+        except OSError as err:
+            raise OSError(
+                f"stage {ref.stage} {ref.key[:12]}: storing it under {self.storage.uri_of(ref.rel)} "
+                f"failed, left incomplete: {err}"
+            ) from err
+
     def _build(self, ref: StageRef, build: BuildFn) -> None:
         log.info("building stage %s %s", ref.stage, ref.key[:12])
         start = time.time()
         scratch = self._scratch()
         try:
             build(scratch)
-            marker = canonical_json(ref.describe())
+            marker = canonical_json({**ref.describe(), MANIFEST_KEY: manifest(scratch)})
             local = self.storage.local_path(ref.rel)
             if local is not None:
                 self._move_into_place(scratch, local)
                 self.storage.write_text(f"{ref.rel}/{COMPLETE}", marker)
             else:
-                self.storage.delete(ref.rel)
-                self.storage.upload_dir(scratch, ref.rel)
-                self.storage.write_text(f"{ref.rel}/{COMPLETE}", marker)
+                self._publish(ref, scratch, marker)
                 # The freshly built folder becomes this machine's mirror: no download needed.
                 (scratch / COMPLETE).write_text(marker)
                 self._move_into_place(scratch, self.local_root / ref.stage / ref.key)
