@@ -276,7 +276,9 @@ CASES = [
     Case(
         "pickled object in the optimizer state, hash rewritten",
         lambda w: _then(
-            lambda: (w / "train" / "optimizer.pt").write_bytes(pickle.dumps({"x": _Pickled()}, protocol=2)),
+            lambda: (w / "train" / "optimizer.pt").write_bytes(
+                pickle.dumps({"x": _Pickled()}, protocol=2)
+            ),
             lambda: _rehash(w / "train", "optimizer.pt"),
             result=lambda: load_extra_state(w / "train", "optimizer"),
         ),
