@@ -121,7 +121,13 @@ def train_velocity(
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     if resume_from is not None:
-        start = int(load_config(resume_from)["train_state"]["step"])
+        state = load_config(resume_from).get("train_state")
+        if not isinstance(state, dict) or "step" not in state:
+            raise ConfigError(
+                f"checkpoint {resume_from}: not a training checkpoint (config.json has no "
+                "train_state.step); resume only from checkpoints written by train_velocity"
+            )
+        start = int(state["step"])
         load_into(model, load_state(resume_from, "model"), resume_from)
         load_into(ema.module, load_state(resume_from, "ema"), resume_from)
         optimizer.load_state_dict(load_extra_state(resume_from, "optimizer"))

@@ -20,7 +20,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from omegaconf import OmegaConf
 
@@ -63,11 +63,16 @@ def _add_point(parser: argparse.ArgumentParser, t_split: bool) -> None:
         )
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse with the house error format: one line on stderr, exit status 2, no usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `lfm`."""
-    parser = argparse.ArgumentParser(
-        prog="lfm", description="Latent flow-matching stability sweeps."
-    )
+    parser = _OneLineParser(prog="lfm", description="Latent flow-matching stability sweeps.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sweep = sub.add_parser("sweep", help="run a sweep file on Ray Tune, tracked in MLflow")
@@ -218,7 +223,9 @@ def _train(args: argparse.Namespace) -> int:
     point = _point_graph(args)
     if point is not None:
         graph, trial = point
-        folder = graph.get(graph.trial(trial).model)
+        ref = graph.trial(trial).model
+        folder = graph.get(ref)
+        graph.load_model(ref)  # verifies shapes and the recorded hashes of a cached model
         print(json.dumps(read_info(folder), indent=2, sort_keys=True))
         print(f"checkpoint: {folder}")
     return 0

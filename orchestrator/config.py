@@ -367,7 +367,7 @@ def _read_layers(path: Path, overrides: list[str]) -> tuple[DictConfig, DictConf
         raise ConfigError(f"sweep file not found: {path}")
     try:
         loaded = OmegaConf.load(path)
-    except (YAMLError, OmegaConfBaseException) as err:
+    except (YAMLError, OmegaConfBaseException, UnicodeDecodeError) as err:
         reason = " ".join(str(err).split())
         raise ConfigError(f"sweep file {path} is not valid YAML: {reason}") from None
     if not isinstance(loaded, DictConfig):

@@ -284,7 +284,25 @@ CASES = [
         ),
         r"cannot be read with torch\.load\(weights_only=True\): .*/train/optimizer\.pt",
     ),
+    Case(
+        "resume from a model-only checkpoint",
+        lambda w: _resume(w / "model", width=8),
+        r"checkpoint .*/model: not a training checkpoint \(config\.json has no train_state",
+    ),
     # -- files and command lines of `lfm`
+    Case(
+        "lfm validate: sweep file not UTF-8",
+        lambda w: _then(
+            lambda: (w / "sweep.yaml").write_bytes(b"\xff\xfe\x00name: bad"),
+            result=["validate", str(w / "sweep.yaml")],
+        ),
+        r"^lfm validate: error: sweep file .*/sweep\.yaml is not valid YAML: 'utf-8' codec",
+    ),
+    Case(
+        "lfm train: fraction not a number",
+        lambda w: ["train", str(w / "sweep.yaml"), "--fraction", "abc"],
+        r"^lfm train: error: argument --fraction: invalid float value: 'abc'$",
+    ),
     Case(
         "lfm train: no sweep file",
         lambda w: ["train", str(w / "missing.yaml")],
