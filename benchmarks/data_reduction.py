@@ -82,7 +82,7 @@ class DataReductionConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: str = "dit-xs"
     width: int = 64
-    train_steps: int = 800
+    train_steps: int = 3200
     batch_size: int = 128
     lr: float = 1e-3
     ema_decay: float = 0.995
@@ -132,7 +132,7 @@ class DataReductionConfig:
 TINY = DataReductionConfig(
     data=TINY_DATA,
     width=16,
-    train_steps=4,
+    train_steps=6,
     batch_size=16,
     eval_every=2,
     proxy_criteria=("random", "balanced_nearest", "loss"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 import traceback
@@ -163,6 +164,17 @@ def run(configs: dict[str, Any], out: Path, tiny: bool = False) -> dict[str, Any
     return summary
 
 
+def summarize_saved(configs: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Rebuild summary.json and summary.md from the result files already under out (after one
+    benchmark was rerun alone); each benchmark's seconds are those its own file records."""
+    results = {name: json.loads((out / f"{name}.json").read_text()) for name in configs}
+    seconds = {name: float(result["seconds"]) for name, result in results.items()}
+    summary = summarize(configs, results, {}, seconds, tiny=False)
+    write_json(out / "summary.json", summary)
+    (out / "summary.md").write_text(markdown(summary, results))
+    return summary
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.run_all", description=__doc__.split("\n")[0]
@@ -178,6 +190,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--dry-run", action="store_true", help="print the resolved configs and stop"
     )
+    parser.add_argument(
+        "--summarize",
+        action="store_true",
+        help="run nothing: rebuild the summary from the result files under --out",
+    )
     args = parser.parse_args(argv)
     configs = configs_for(args.tiny, args.out, args.cache_dir, tuple(args.only))
     if args.dry_run:
@@ -185,7 +202,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"# {name}")
             print_config(cfg)
         return
-    summary = run(configs, Path(args.out), args.tiny)
+    if args.summarize:
+        summary = summarize_saved(configs, Path(args.out))
+    else:
+        summary = run(configs, Path(args.out), args.tiny)
     print(Path(args.out) / "summary.md")
     print("\n".join(f"{key}: {summary[key]}" for key in SUMMARY_KEYS))
     sys.exit(1 if summary["errors"] else 0)

@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from benchmarks import coarse_to_fine, data_reduction, run_all, sweep_efficiency
+from benchmarks import coarse_to_fine, data_reduction, run_all, stability_halves, sweep_efficiency
 from benchmarks.common import parse_config
 from lfm_core.coarse_to_fine import flop_speedup_bound
 from lfm_core.errors import ConfigError
@@ -65,25 +66,32 @@ def test_c2f_config_rejects_bad_values_in_one_line(change, key):
     assert "\n" not in str(err.value)
 
 
-def _row(t_split, speedup, fid_ratio):
+def _row(t_split, speedup, fid_ratio, bound_ratio=1.0):
     cfg = coarse_to_fine.C2FConfig()
-    row = {"t_split": t_split, "speedup": speedup, "fid_ratio": fid_ratio, "bound_ratio": 1.0}
+    row = {"t_split": t_split, "speedup": speedup, "fid_ratio": fid_ratio}
+    row["bound_ratio"] = bound_ratio
     row["goals"] = coarse_to_fine._goals(row, cfg)
     return row
 
 
-def test_choose_takes_the_fastest_t_split_within_the_fid_tolerance():
+def test_choose_takes_the_fastest_t_split_that_meets_the_goals():
+    cfg = coarse_to_fine.C2FConfig()
     rows = [_row(0.5, 1.8, 1.00), _row(0.7, 2.6, 1.04), _row(0.9, 4.0, 1.30)]
-    assert coarse_to_fine._choose(rows, coarse_to_fine.C2FConfig())["t_split"] == 0.7
+    assert coarse_to_fine._choose(rows, cfg)["t_split"] == 0.7
+    # 0.9 is within the FID tolerance but far from its bound: 0.7 meets every goal.
+    far = [_row(0.5, 1.8, 1.00), _row(0.7, 2.6, 1.04), _row(0.9, 4.0, 1.03, bound_ratio=0.8)]
+    assert coarse_to_fine._choose(far, cfg)["t_split"] == 0.7
+    slow = [_row(0.5, 1.8, 1.00), _row(0.7, 2.2, 1.04, bound_ratio=0.8)]
+    assert coarse_to_fine._choose(slow, cfg)["t_split"] == 0.7
     worse = [_row(0.5, 1.8, 1.10), _row(0.7, 2.6, 1.20)]
     assert coarse_to_fine._choose(worse, coarse_to_fine.C2FConfig())["t_split"] == 0.5
 
 
 def test_data_reduction_full_model_is_the_coarse_model_of_coarse_to_fine():
     c2f, reduction = coarse_to_fine.C2FConfig(), data_reduction.DataReductionConfig()
-    assert c2f.train_config() == reduction.train_config()
+    assert c2f.train_config(coarse=True) == reduction.train_config()
     assert reduction.width in {coarse for coarse, _ in c2f.width_pairs()}
-    assert coarse_to_fine.TINY.train_config() == data_reduction.TINY.train_config()
+    assert coarse_to_fine.TINY.train_config(coarse=True) == data_reduction.TINY.train_config()
 
 
 def test_time_to_finds_the_first_checkpoint_at_or_below_the_level():
@@ -105,6 +113,15 @@ def test_analyse_counts_duplicates_and_times_each_stage_once():
     assert (out["builds"], out["unique_stages"], out["duplicate_stages"]) == (4, 3, 1)
     assert out["duplicated"] == ["fm_model/bbbbbbbbbbbb"]
     assert out["per_stage"]["fm_model"] == {"builds": 2, "seconds": 25.0}
+
+
+def test_split_halves_are_disjoint_equal_and_seeded():
+    a, b = stability_halves.split_halves(11, seed=3)
+    assert len(a) == len(b) == 5 and not set(a.tolist()) & set(b.tolist())
+    assert a.tolist() == sorted(a.tolist()) and set(a.tolist()) | set(b.tolist()) <= set(range(11))
+    again = stability_halves.split_halves(11, seed=3)
+    assert torch.equal(a, again[0]) and torch.equal(b, again[1])
+    assert not torch.equal(a, stability_halves.split_halves(11, seed=4)[0])
 
 
 # ---- every benchmark at its tiny scale -------------------------------------------------------
@@ -157,6 +174,14 @@ def test_summary_holds_every_headline_number_and_the_machine(tiny_run):
     markdown = (out / "summary.md").read_text()
     for title in ("Coarse-to-fine", "Data reduction", "Training throughput", "Sweep efficiency"):
         assert title in markdown
+
+    # Rebuilt from the result files alone, the summary holds the same numbers.
+    configs = run_all.configs_for(True, str(out), str(out / ".cache"))
+    rebuilt = run_all.summarize_saved(configs, out)
+    assert {k: rebuilt[k] for k in run_all.SUMMARY_KEYS} == {
+        k: on_disk[k] for k in run_all.SUMMARY_KEYS
+    }
+    assert (out / "summary.md").read_text().startswith("# Benchmarks")
 
 
 @pytest.mark.integration
@@ -231,6 +256,29 @@ def test_throughput_and_sweep_write_their_numbers(tiny_run):
     assert sweep["ratio"] == pytest.approx(sweep["wall_s"] / sweep["unique_stage_s"], rel=1e-12)
     assert sweep["rerun"]["builds"] == 0 and sweep["rerun"]["errors"] == []
     assert summary["sweep_wall_ratio"] == sweep["ratio"]
+
+
+@pytest.mark.integration
+def test_stability_halves_compares_disjoint_halves_on_the_same_seeds(tiny_run, tmp_path):
+    out, _ = tiny_run
+    tiny = stability_halves.TINY
+    cfg = dataclasses.replace(
+        tiny,
+        out=str(tmp_path),
+        data=dataclasses.replace(tiny.data, cache_dir=str(out / ".cache")),
+        progress=False,
+    )
+    result = stability_halves.run(cfg)
+    assert result["halves"] == {"size": tiny.data.train_limit // 2, "disjoint": True}
+    models = result["models"]
+    assert [models[name]["training_seed"] for name in ("A", "B", "B_other_seed")] == [0, 0, 1]
+    assert all(math.isfinite(row["fid"]) and row["train_images"] == 128 for row in models.values())
+    for spaces in result["similarity"].values():
+        for s in spaces.values():
+            assert -1 <= s["unrelated"] <= 1 and -1 <= s["similarity"] <= 1
+    assert json.loads((tmp_path / "stability_halves.json").read_text())["models"] == models
+    assert (tmp_path / "stability_halves_grid.png").is_file()
+    assert "A_vs_B" in stability_halves.markdown(result)
 
 
 @pytest.mark.integration
