@@ -12,44 +12,21 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from lfm_core.checkpoint import load_velocity
 from lfm_core.train import TrainConfig, train_velocity
-from lfm_core.velocity import VelocityConfig, VelocityModel, build_velocity
+from lfm_core.velocity import VelocityConfig
 from orchestrator.config import ResourcesSection
+from orchestrator.trainers import DataFn, FitResult, Snapshot, seeded_velocity
 
-# (latents (N, C, H, W), labels (N,) or None): called on each worker, so it must be picklable.
-DataFn = Callable[[], tuple[Tensor, Tensor | None]]
 CHECKPOINTS_KEPT = 2
 TRAIN_RUNS_DIR = "ray_train"
-
-
-@dataclass(frozen=True)
-class FitResult:
-    """A trained model (the EMA weights) and what the workers last reported.
-
-    Attributes:
-        ema: the EMA velocity model, on the CPU, in eval mode.
-        metrics: the last report of rank 0: loss, step, world_size, elapsed_s (training time
-            of the last worker-group session).
-    """
-
-    ema: VelocityModel
-    metrics: dict[str, float]
-
-
-def seeded_velocity(config: VelocityConfig, seed: int) -> VelocityModel:
-    """Build a velocity network whose initial weights depend on `seed` alone."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_velocity(config)
 
 
 @contextlib.contextmanager
@@ -100,6 +77,7 @@ def fit_velocity(
     resources: ResourcesSection,
     storage_uri: str,
     run_name: str,
+    snapshot_every: int | None = None,
 ) -> FitResult:
     """Train one velocity model with a Ray Train TorchTrainer and return its EMA weights.
 
@@ -110,6 +88,8 @@ def fit_velocity(
         resources: workers, CPUs / GPU per worker, failure budget, checkpoint period.
         storage_uri: the storage root; runs live under <storage>/ray_train/<run_name>.
         run_name: the run's name; a fit with the same name continues the same run.
+        snapshot_every: keep every checkpoint, one each this many steps, and return their EMA
+            weights as snapshots (None: keep the last CHECKPOINTS_KEPT, return none).
 
     Raises:
         RuntimeError: the run ended without a checkpoint.
@@ -117,7 +97,9 @@ def fit_velocity(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    if resources.checkpoint_every:
+    if snapshot_every:
+        train = replace(train, checkpoint_every=snapshot_every)
+    elif resources.checkpoint_every:
         train = replace(train, checkpoint_every=resources.checkpoint_every)
     per_worker = {"CPU": resources.cpus_per_worker}
     if resources.use_gpu:
@@ -139,7 +121,9 @@ def fit_velocity(
             name=run_name,
             storage_path=f"{storage_uri}/{TRAIN_RUNS_DIR}",
             failure_config=ray.train.FailureConfig(max_failures=resources.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=None if snapshot_every else CHECKPOINTS_KEPT
+            ),
         ),
     )
     result = trainer.fit()
@@ -147,4 +131,10 @@ def fit_velocity(
         raise RuntimeError(f"Ray Train run {run_name} finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
         ema = load_velocity(Path(directory), name="ema")
-    return FitResult(ema=ema, metrics=dict(result.metrics or {}))
+    snapshots = []
+    for checkpoint, metrics in (result.best_checkpoints or []) if snapshot_every else []:
+        with checkpoint.as_directory() as directory:
+            snapshot = load_velocity(Path(directory), name="ema")
+        snapshots.append(Snapshot(int(metrics["step"]), float(metrics["elapsed_s"]), snapshot))
+    snapshots.sort(key=lambda s: s.step)
+    return FitResult(ema=ema, metrics=dict(result.metrics or {}), snapshots=snapshots)

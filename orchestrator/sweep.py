@@ -45,7 +45,8 @@ from orchestrator import tracking
 from orchestrator.cache import StageCache
 from orchestrator.config import SweepConfig, check_local_paths
 from orchestrator.locks import lock_actor
-from orchestrator.stages import METRIC_KEYS, StageGraph
+from orchestrator.schema import METRIC_KEYS
+from orchestrator.stages import StageGraph
 from orchestrator.storage import Storage
 from orchestrator.trials import Trial, expand_trials
 

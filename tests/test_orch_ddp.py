@@ -16,7 +16,8 @@ from lfm_core.checkpoint import load_velocity
 from lfm_core.paths import fm_loss
 from lfm_core.train import TrainConfig
 from lfm_core.velocity import VelocityConfig
-from orchestrator.ray_train import seeded_velocity, train_worker
+from orchestrator.ray_train import train_worker
+from orchestrator.trainers import seeded_velocity
 
 pytestmark = pytest.mark.integration
 # Ray workers cannot import this test module: its functions travel by value.

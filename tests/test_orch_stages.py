@@ -1,8 +1,8 @@
-"""Stage wiring without Ray: the automatically chosen t_split of a coarse-to-fine pair.
+"""The stage graph without Ray: keys hold exactly what a stage depends on, and builds read
+nothing else; the automatically chosen t_split of a coarse-to-fine pair.
 
-The two fm_model stages are written straight into the cache (randomly initialised networks,
-saved the way the training stage saves them), so the t_split_choice stage runs on its real
-upstream stages (the tiny sweep's autoencoder and a tiny DINOv2) without a Ray Train fit.
+Models are trained by the in-process trainer (lfm_core's loop in this process), so every stage
+runs its real builder on the tiny sweep's data with a tiny DINOv2 as the feature extractor.
 """
 
 from __future__ import annotations
@@ -12,65 +12,139 @@ from pathlib import Path
 import pytest
 import torch
 
-from lfm_core.checkpoint import save_velocity
 from lfm_core.coarse_to_fine import T_SPLIT_CANDIDATES
-from lfm_core.velocity import VelocityConfig, build_velocity
+from orchestrator import stage_keys as keys
 from orchestrator.cache import StageRef
 from orchestrator.config import load_sweep
-from orchestrator.stages import StageGraph, read_info
+from orchestrator.stages import StageGraph
 from orchestrator.sweep import cache_for
+from orchestrator.trainers import InProcessTrainer
+from orchestrator.trials import Trial
 
 TINY = Path(__file__).resolve().parents[1] / "sweeps" / "tiny.yaml"
 FULL = "all"
 
 
-def _graph(tmp_path: Path, extractor: Path, budget: float) -> StageGraph:
-    overrides = [
-        f"storage={tmp_path}",
+def _graph(storage: Path, extractor: Path, *overrides: str) -> StageGraph:
+    base = [
+        f"storage={storage}",
         "tracking.uri=http://127.0.0.1:9",
         "data.limit=64",
         "data.heldout_limit=16",
-        f"sampling.t_split_budget={budget}",
+        "sampling.num_samples=16",
         "sampling.t_split_calibration=8",
     ]
     for role in ("clustering", "fid", "stability"):
-        overrides += [f"features.{role}.name=dinov2", f"features.{role}.path={extractor}"]
-    cfg = load_sweep(TINY, overrides)
-    return StageGraph(cfg, cache_for(cfg), progress=False)
+        base += [f"features.{role}.name=dinov2", f"features.{role}.path={extractor}"]
+    cfg = load_sweep(TINY, [*base, *overrides])
+    return StageGraph(cfg, cache_for(cfg), trainer=InProcessTrainer(), progress=False)
 
 
-def _random_model(graph: StageGraph, seed: int) -> StageRef:
-    """An fm_model stage holding a randomly initialised network (seed `seed`)."""
-    ref = graph.fm_model(graph.subset(1.0, FULL, seed), "unet-xs", 8, 10, seed)
-    shape = read_info(graph.get(graph.latents()))["shape"]
-    config = VelocityConfig("unet-xs", in_channels=shape[1], sample_size=shape[-1], width=8)
-    torch.manual_seed(seed)
-    model = build_velocity(config)
-    graph.cache.get(ref, lambda folder: save_velocity(folder, model))
-    return ref
+def _built(graph: StageGraph) -> dict[str, int]:
+    """Stage name -> builds recorded so far in the graph's storage."""
+    counts: dict[str, int] = {}
+    for record in graph.cache.records():
+        counts[record["stage"]] = counts.get(record["stage"], 0) + 1
+    return counts
+
+
+def _full_model(graph: StageGraph, seed: int = 0) -> StageRef:
+    cfg = graph.cfg
+    subset = keys.subset(cfg, 1.0, FULL, seed)
+    return keys.fm_model(cfg, subset, cfg.model.name, cfg.model.width, cfg.train.steps, seed)
+
+
+@pytest.mark.timeout(240)
+def test_a_value_outside_a_key_reuses_the_stage_and_one_inside_rebuilds_it(
+    tmp_path: Path, tiny_dinov2: Path
+) -> None:
+    trial = Trial("data_reduction", 1.0, "random", None, None, 0)
+    graph = _graph(tmp_path, tiny_dinov2)
+    first = graph.metrics(trial)
+    builds = _built(graph)
+    assert builds["fm_model"] == 1 and builds["samples"] == 1 and builds["metrics"] == 1
+
+    # Sampling more seeds is outside the model's key: the trained model is reused, the samples
+    # (whose key holds num_samples) and everything below them are rebuilt.
+    more = _graph(tmp_path, tiny_dinov2, "sampling.num_samples=24")
+    assert keys.trial(more.cfg, trial).model.key == keys.trial(graph.cfg, trial).model.key
+    assert keys.trial(more.cfg, trial).samples.key != keys.trial(graph.cfg, trial).samples.key
+    more.metrics(trial)
+    after = _built(more)
+    assert after["fm_model"] == 1 and after["autoencoder"] == 1 and after["latents"] == 1
+    assert after["samples"] == 2 and after["metrics"] == 2
+
+    # Execution settings (batch sizes of features and scores) are in no key: nothing is
+    # rebuilt, the metrics repeat.
+    batched = _graph(tmp_path, tiny_dinov2, "features.batch_size=3", "scoring.batch_size=7")
+    assert batched.metrics(trial) == first
+    assert _built(batched) == after
+    # The sampling batch is in no samples key (a sample depends on its seed alone), but the
+    # timing stage times one batch: only it and the metrics are rebuilt.
+    timed = _graph(tmp_path, tiny_dinov2, "sampling.batch_size=5")
+    metrics = timed.metrics(trial)
+    assert {k: v for k, v in metrics.items() if k != "speedup"} == {
+        k: v for k, v in first.items() if k != "speedup"
+    }
+    timed_builds = _built(timed)
+    assert timed_builds["timing"] == after["timing"] + 1
+    assert timed_builds["metrics"] == after["metrics"] + 1
+    assert {k: v for k, v in timed_builds.items() if k not in ("timing", "metrics")} == {
+        k: v for k, v in after.items() if k not in ("timing", "metrics")
+    }
+
+    # A training value is in the model's key: a new model, different weights, new samples.
+    lr = _graph(tmp_path, tiny_dinov2, "train.lr=0.01")
+    model, old = _full_model(lr), _full_model(graph)
+    assert model.key != old.key
+    changed = lr.load_model(model).state_dict()
+    same = graph.load_model(old).state_dict()
+    assert any(not torch.equal(changed[name], same[name]) for name in same)
+    assert _built(lr)["fm_model"] == 2 and _built(lr)["autoencoder"] == 1
+
+
+@pytest.mark.timeout(240)
+def test_snapshots_are_the_ema_weights_part_way_through(tmp_path: Path, tiny_dinov2: Path) -> None:
+    graph = _graph(tmp_path, tiny_dinov2, "train.steps=6")
+    cfg = graph.cfg
+    subset = keys.subset(cfg, 1.0, FULL, 0)
+    ref = keys.fm_model(cfg, subset, cfg.model.name, cfg.model.width, 6, 0, snapshot_every=3)
+    snapshots = graph.load_snapshots(ref)
+    assert [step for step, _, _ in snapshots] == [3, 6]
+    assert 0 < snapshots[0][1] < snapshots[1][1]
+    final = graph.load_model(ref).state_dict()
+    assert all(torch.equal(snapshots[-1][2].state_dict()[k], v.cpu()) for k, v in final.items())
+    # Keeping snapshots changes nothing in training: the same model without them is equal,
+    # and the model trained 3 steps is the first snapshot, bit for bit.
+    plain = graph.load_model(_full_model(graph)).state_dict()
+    assert all(torch.equal(plain[k], v) for k, v in final.items())
+    three = _graph(tmp_path, tiny_dinov2, "train.steps=3")
+    early = three.load_model(_full_model(three)).state_dict()
+    assert all(torch.equal(snapshots[0][2].state_dict()[k], v.cpu()) for k, v in early.items())
 
 
 @pytest.mark.timeout(240)
 def test_chosen_t_split_is_the_largest_within_budget(tmp_path: Path, tiny_dinov2: Path) -> None:
-    graph = _graph(tmp_path, tiny_dinov2, budget=0.05)
-    fine, other = _random_model(graph, 0), _random_model(graph, 1)
+    graph = _graph(tmp_path, tiny_dinov2, "sampling.t_split_budget=0.05")
+    cfg = graph.cfg
+    fine, other = _full_model(graph, 0), _full_model(graph, 1)
 
     # The same network on both sides: every candidate gives the fine-only samples exactly.
-    same = read_info(graph.get(graph.t_split_choice(fine, fine)))
+    same = graph.info(keys.t_split_choice(cfg, fine, fine))
     assert same["t_split"] == max(T_SPLIT_CANDIDATES)
     assert [float(t) for t in same["similarity"]] == sorted(T_SPLIT_CANDIDATES)
     assert all(s == pytest.approx(1.0, abs=1e-5) for s in same["similarity"].values())
 
-    # An unrelated coarse network: the choice is the largest candidate whose recorded
-    # similarity meets 1 - budget (0.0, fine only, when none does).
-    pair = read_info(graph.get(graph.t_split_choice(other, fine)))
+    # Another network (another seed) as the coarse model: the choice is the largest candidate
+    # whose recorded similarity meets 1 - budget (0.0, fine only, when none does).
+    pair = graph.info(keys.t_split_choice(cfg, other, fine))
     passing = [float(t) for t, s in pair["similarity"].items() if s >= 1 - 0.05]
     assert pair["t_split"] == max(passing, default=0.0)
     assert max(pair["similarity"].values()) < 1.0
 
-    # A budget of 0 asks for the fine-only samples exactly, which an unrelated coarse network
-    # never gives: fine only. A budget of 1 accepts any samples: the largest candidate.
+    # A budget of 0 asks for the fine-only samples exactly, which another network never gives:
+    # fine only. A budget of 1 accepts any samples: the largest candidate.
     for budget, expected in ((0.0, 0.0), (1.0, max(T_SPLIT_CANDIDATES))):
-        other_budget = _graph(tmp_path, tiny_dinov2, budget=budget)
-        choice = read_info(other_budget.get(other_budget.t_split_choice(other, fine)))
+        other_budget = _graph(tmp_path, tiny_dinov2, f"sampling.t_split_budget={budget}")
+        choice = other_budget.info(keys.t_split_choice(other_budget.cfg, other, fine))
         assert choice["t_split"] == expected

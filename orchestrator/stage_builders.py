@@ -1,0 +1,342 @@
+"""Stage builders: one function per stage, writing its files into an empty folder.
+
+`build(graph, ref, folder)` reads its stage's own values from `ref.inputs`, its upstream
+stages through `graph` (which builds them first when missing) and nothing from the sweep
+config: what a stage writes is a function of its key (`orchestrator.stage_keys`), while the
+graph's `Execution` settings decide only where and how fast it runs. Tensors are written as
+safetensors, small facts as JSON, models through lfm_core (diffusers `save_pretrained` for the
+autoencoder, `lfm_core.checkpoint` for velocity networks). All maths is lfm_core's.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from lfm_core.autoencoder import (
+    AutoencoderConfig,
+    decode,
+    encode,
+    load_autoencoder,
+    reconstruction_psnr,
+    train_autoencoder,
+)
+from lfm_core.checkpoint import save_velocity
+from lfm_core.coarse_to_fine import choose_t_split
+from lfm_core.criteria import labels_needed, per_sample_scores, select
+from lfm_core.features import build_feature_extractor
+from lfm_core.flops import flop_speedup_bound, forward_flops
+from lfm_core.metrics import ReferenceStats, fid, precision_recall, stability
+from lfm_core.sampling import guided, sample_seeds, seed_labels, time_against_reference
+from lfm_core.solvers import seeded_noise
+from lfm_core.train import TrainConfig
+from lfm_core.velocity import VelocityConfig
+from orchestrator.cache import StageCache, StageRef
+from orchestrator.schema import CHOSEN_T_SPLIT
+from orchestrator.stage_keys import FULL_SUBSET
+
+if TYPE_CHECKING:
+    from orchestrator.stages import StageGraph
+
+GRID_IMAGES = 64
+# Same-seed pairs shuffled with this seed give the "unrelated" stability baseline.
+UNRELATED_SEED = 0
+# Files of the stages (each tensor file holds the named tensors).
+LATENTS_FILE = "latents.safetensors"  # latents (N, c, h, w), labels (N,)
+FEATURES_FILE = "features.safetensors"  # features (N, D)
+INDICES_FILE = "indices.safetensors"  # indices (n,)
+SCORES_FILE = "scores.safetensors"  # scores (N,)
+SAMPLES_FILE = "samples.safetensors"  # latents, grid, features_fid, features_stability[, labels]
+METRICS_FILE = "metrics.json"
+INFO_FILE = "info.json"
+SNAPSHOTS_DIR = "snapshots"
+
+Builder = Callable[["StageGraph", StageRef, Path], None]
+
+
+def write_json(path: Path, value: dict[str, Any]) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True))
+
+
+def read_info(folder: Path) -> dict[str, Any]:
+    """The `info.json` facts of a stage folder."""
+    return json.loads((folder / INFO_FILE).read_text())
+
+
+def load_training_data(
+    cache: StageCache, latents: StageRef, subset: StageRef, conditional: bool
+) -> tuple[Tensor, Tensor | None]:
+    """(latents (n, C, H, W), labels (n,) or None) of a subset; runs on the training workers."""
+    tensors = load_file(str(cache.local_dir(latents) / LATENTS_FILE))
+    indices = load_file(str(cache.local_dir(subset) / INDICES_FILE))["indices"]
+    labels = tensors["labels"][indices] if conditional else None
+    return tensors["latents"][indices], labels
+
+
+def build_autoencoder(graph: StageGraph, ref: StageRef, folder: Path) -> None:
+    inputs, data = ref.inputs, ref.upstream["dataset"]
+    if "pretrained" in inputs:
+        vae = load_autoencoder(inputs["pretrained"], inputs["subfolder"])
+    else:
+        vae = train_autoencoder(
+            graph.split(data, "train").images,
+            AutoencoderConfig(**inputs["config"]),
+            progress=graph.execution.progress,
+            device=graph.execution.device,
+        )
+    vae.save_pretrained(folder / "vae")
+    info = {
+        "heldout_psnr": reconstruction_psnr(vae, graph.split(data, "heldout").images),
+        "scaling_factor": float(vae.config["scaling_factor"]),
+    }
+    write_json(folder / INFO_FILE, info)
+
+
+def build_latents(graph: StageGraph, ref: StageRef, folder: Path) -> None:
+    train = graph.split(ref.upstream["dataset"], "train")
+    vae = graph.load_autoencoder(ref.upstream["autoencoder"])
+    latents = encode(vae, train.images, progress=graph.execution.progress)
+    save_file(
+        {"latents": latents.contiguous(), "labels": train.labels.contiguous()},
+        str(folder / LATENTS_FILE),
+    )
+    write_json(folder / INFO_FILE, {"shape": list(latents.shape), "num_classes": train.num_classes})
+
+
+def build_extractor(graph: StageGraph, ref: StageRef, folder: Path) -> None:
+    # The extractor's own weights (a trained classifier, or a hub download) land in the folder.
+    extractor = build_feature_extractor(ref.inputs["name"], folder, ref.inputs["path"])
+    info = {"name": extractor.name, "dim": extractor.dim}
+    accuracy = getattr(extractor, "heldout_accuracy", None)  # trained extractors record it
+    if accuracy is not None:
+        info["heldout_accuracy"] = float(accuracy)
+    write_json(folder / INFO_FILE, info)
+
+
+def build_data_features(graph: StageGraph, ref: StageRef, folder: Path) -> None:
+    extractor = graph.load_extractor(ref.upstream["extractor"])
+    images = graph.split(ref.upstream["dataset"], ref.inputs["split"]).images
+    features = extractor(images, progress=graph.execution.progress)
+    save_file({"features": features.contiguous()}, str(folder / FEATURES_FILE))
+
+
+def build_subset(graph: StageGraph, ref: StageRef, folder: Path) -> None:
+    labels = graph.tensors(ref.upstream["latents"], LATENTS_FILE)["labels"]
+    n, inputs = labels.shape[0], ref.inputs
+    if inputs["criterion"] == FULL_SUBSET:
+        indices = torch.arange(n)
+    else:
+        up = ref.upstream
+        features = (
+            graph.tensors(up["features"], FEATURES_FILE)["features"] if "features" in up else None
+        )
+        scores = graph.tensors(up["scores"], SCORES_FILE)["scores"] if "scores" in up else None
+        indices = select(
+            inputs["criterion"],
+            inputs["fraction"],
+            features=features,
+            scores=scores,
+            num_clusters=inputs.get("num_clusters"),
+            seed=inputs.get("seed", 0),
+            num_samples=n,
+        )
+    save_file({"indices": indices.contiguous()}, str(folder / INDICES_FILE))
+    info = {"size": int(indices.numel()), "labels_used": labels_needed(labels, indices)}
+    write_json(folder / INFO_FILE, info)
+
+
+def build_scores(graph: StageGraph, ref: StageRef, folder: Path) -> None:
+    device = graph.execution.device
+    tensors = graph.tensors(ref.upstream["latents"], LATENTS_FILE)
+    probe = graph.load_model(ref.upstream["probe"])
+    labels = tensors["labels"].to(device) if probe.config.num_classes else None
+    scores = per_sample_scores(
+        probe,
+        tensors["latents"].to(device),
+        kind=ref.inputs["kind"],
+        num_noise=ref.inputs["num_noise"],
+        seed=ref.inputs["seed"],
+        batch_size=graph.execution.score_batch_size,
+        labels=labels,
+        progress=graph.execution.progress,
+    )
+    save_file({"scores": scores.contiguous()}, str(folder / SCORES_FILE))
+
+
+def build_fm_model(graph: StageGraph, ref: StageRef, folder: Path) -> None:
+    latents_ref, subset_ref, inputs = ref.upstream["latents"], ref.upstream["subset"], ref.inputs
+    shape, num_classes = graph.info(latents_ref)["shape"], graph.info(latents_ref)["num_classes"]
+    velocity = VelocityConfig(
+        name=inputs["name"],
+        in_channels=shape[1],
+        sample_size=shape[-1],
+        num_classes=num_classes if inputs["conditional"] else 0,
+        width=inputs["width"],
+    )
+    train = TrainConfig(**inputs["train"])
+    data_fn = functools.partial(
+        load_training_data, graph.cache, latents_ref, subset_ref, inputs["conditional"]
+    )
+    result = graph.execution.trainer.fit(
+        data_fn,
+        velocity,
+        train,
+        inputs["num_workers"],
+        run_name=f"fm_model-{ref.key[:16]}",
+        snapshot_every=inputs.get("snapshot_every"),
+    )
+    save_velocity(folder, result.ema, {"train": asdict(train)})
+    info: dict[str, Any] = {"train_" + k: v for k, v in result.metrics.items()}
+    for snapshot in result.snapshots:
+        save_velocity(
+            folder / snapshot_folder(snapshot.step), snapshot.ema, {"train": asdict(train)}
+        )
+    if result.snapshots:
+        info["snapshots"] = {str(s.step): s.seconds for s in result.snapshots}
+    write_json(folder / INFO_FILE, info)
+
+
+def snapshot_folder(step: int) -> str:
+    """Where an fm_model stage keeps the EMA weights at `step` (with `snapshot_every`)."""
+    return f"{SNAPSHOTS_DIR}/step-{step:07d}"
+
+
+def _seeds(inputs: Any, count: int) -> list[int]:
+    return list(range(inputs["first_seed"], inputs["first_seed"] + count))
+
+
+def build_samples(graph: StageGraph, ref: StageRef, folder: Path) -> None:
+    up, inputs, progress = ref.upstream, ref.inputs, graph.execution.progress
+    coarse = graph.load_model(up["model"])
+    fine = graph.load_model(up["fine"]) if "fine" in up else coarse
+    seeds = _seeds(inputs, inputs["num_samples"])
+    t_split = 1.0 if inputs["t_split"] is None else inputs["t_split"]
+    sampled = sample_seeds(coarse, fine, seeds, t_split, graph.sampler(inputs))
+    images = decode(graph.load_autoencoder(up["autoencoder"]), sampled.latents, progress=progress)
+    tensors = {"latents": sampled.latents, "grid": images[:GRID_IMAGES]}
+    for role in ("fid", "stability"):
+        extractor = graph.load_extractor(up[f"{role}_extractor"])
+        tensors[f"features_{role}"] = extractor(images, progress=progress)
+    if sampled.labels is not None:
+        tensors["labels"] = sampled.labels
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / SAMPLES_FILE))
+    info = {
+        "seconds": sampled.seconds,
+        "nfe_coarse": sampled.nfe_coarse,
+        "nfe_fine": sampled.nfe_fine,
+        "seeds": [seeds[0], seeds[-1]],
+    }
+    write_json(folder / INFO_FILE, info)
+
+
+def build_t_split_choice(graph: StageGraph, ref: StageRef, folder: Path) -> None:
+    up, inputs, device = ref.upstream, ref.inputs, graph.execution.device
+    coarse, fine = graph.load_model(up["model"]), graph.load_model(up["fine"])
+    vae = graph.load_autoencoder(up["autoencoder"])
+    extractor = graph.load_extractor(up["stability_extractor"])
+    seeds = _seeds(inputs, inputs["calibration"])
+    config = coarse.config
+    labels = seed_labels(coarse, seeds, device)
+
+    def embed(latents: Tensor) -> Tensor:
+        return extractor(decode(vae, latents, progress=False), progress=False)
+
+    choice = choose_t_split(
+        guided(coarse, labels, inputs["guidance_scale"]),
+        guided(fine, labels, inputs["guidance_scale"]),
+        seeded_noise(
+            seeds, (config.in_channels, config.sample_size, config.sample_size), device=device
+        ),
+        budget=inputs["budget"],
+        candidates=inputs["candidates"],
+        features=embed,
+        steps=inputs["steps"],
+        method=inputs["solver"],
+    )
+    similarity = {str(t): s for t, s in sorted(choice.similarity.items())}
+    write_json(folder / INFO_FILE, {"t_split": choice.t_split, "similarity": similarity})
+
+
+def build_timing(graph: StageGraph, ref: StageRef, folder: Path) -> None:
+    inputs = ref.inputs
+    model, reference = (
+        graph.load_model(ref.upstream["model"]),
+        graph.load_model(ref.upstream["reference"]),
+    )
+    t_split = 1.0 if inputs["t_split"] is None else inputs["t_split"]
+    settings = graph.sampler(inputs)
+    timing = time_against_reference(
+        model, reference, _seeds(inputs, inputs["batch"]), t_split, settings, inputs["repeats"]
+    )
+    config = model.config
+    probe = seeded_noise(
+        [inputs["first_seed"]],
+        (config.in_channels, config.sample_size, config.sample_size),
+        device=settings.device,
+    )
+    flops_model, flops_reference = forward_flops(model, probe), forward_flops(reference, probe)
+    info = {
+        **asdict(timing),
+        "flop_speedup": flop_speedup_bound(
+            flops_model, flops_reference, timing.nfe_coarse, timing.nfe_fine
+        ),
+    }
+    write_json(folder / INFO_FILE, info)
+
+
+def build_metrics(graph: StageGraph, ref: StageRef, folder: Path) -> None:
+    up = ref.upstream
+    samples = graph.load_samples(up["samples"])
+    model_samples = graph.load_samples(up["model_samples"])
+    reference_samples = graph.load_samples(up["reference_samples"])
+    heldout = graph.tensors(up["heldout_features"], FEATURES_FILE)["features"]
+    stats = ReferenceStats.from_features(heldout)
+    precision, recall = precision_recall(heldout, samples["features_fid"])
+    result = stability(
+        reference_samples["features_stability"], samples["features_stability"], seed=UNRELATED_SEED
+    )
+    timing, subset_info = graph.info(up["timing"]), graph.info(up["subset"])
+    conditional = up["model"].inputs["conditional"]
+    metrics = {
+        "fid": fid(samples["features_fid"], stats),
+        "fid_model": fid(model_samples["features_fid"], stats),
+        "fid_reference": fid(reference_samples["features_fid"], stats),
+        "precision": precision,
+        "recall": recall,
+        "stability_similarity": result.similarity,
+        "stability_unrelated": result.unrelated,
+        "stability_similarity_centred": result.centred_similarity,
+        "stability_unrelated_centred": result.centred_unrelated,
+        "speedup": timing["reference_s"] / timing["trial_s"],
+        "flop_speedup": timing["flop_speedup"],
+        "train_time_s": float(graph.info(up["model"]).get("train_elapsed_s", float("nan"))),
+        "sample_time_s": float(graph.info(up["samples"])["seconds"]),
+        "subset_size": float(subset_info["size"]),
+        "labels_used": float(subset_info["labels_used"] if conditional else 0),
+    }
+    if "t_split_choice" in up:
+        metrics[CHOSEN_T_SPLIT] = float(graph.info(up["t_split_choice"])["t_split"])
+    write_json(folder / METRICS_FILE, metrics)
+
+
+BUILDERS: dict[str, Builder] = {
+    "autoencoder": build_autoencoder,
+    "latents": build_latents,
+    "extractor": build_extractor,
+    "data_features": build_data_features,
+    "subset": build_subset,
+    "scores": build_scores,
+    "fm_model": build_fm_model,
+    "samples": build_samples,
+    "t_split_choice": build_t_split_choice,
+    "timing": build_timing,
+    "metrics": build_metrics,
+}

@@ -1,0 +1,273 @@
+"""Stage keys: pure functions of the sweep config that name every stage instance.
+
+    dataset --> autoencoder --> latents ------------------------+--> fm_model --> samples --> metrics
+       |                                                        |    (subset,     (fixed      ^
+       +--> extractor --> data_features --+                     |     width,       seeds)     |
+                                          +--> subset ----------+     seed)    timing -------+
+            probe fm_model --> scores ----+    (fraction, criterion, seed)
+
+A `StageRef` holds a stage's own config values and the refs it reads, and nothing else: its
+builder (`orchestrator.stage_builders`) reads only these, so a config value outside a ref
+never changes what the stage writes, and a value inside it always changes its key. Values that
+change how fast a stage runs but not what it writes (devices, batch sizes of feature
+extraction, sampling and scoring, threads, the trainer) live in `orchestrator.stages.Execution`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from lfm_core.coarse_to_fine import T_SPLIT_CANDIDATES
+from lfm_core.criteria import SCORE_CRITERIA
+from orchestrator.cache import StageRef
+from orchestrator.config import SweepConfig
+from orchestrator.trials import Trial
+
+# Bump a stage's version when its code would write different files for the same inputs.
+VERSIONS = {
+    "dataset": "1",
+    "autoencoder": "1",
+    "latents": "1",
+    "extractor": "1",
+    "data_features": "1",
+    "subset": "1",
+    "scores": "1",
+    "fm_model": "1",
+    "samples": "1",
+    "t_split_choice": "1",
+    "timing": "1",
+    "metrics": "1",
+}
+# Stages read from their source rather than stored in the cache.
+SOURCE_STAGES = ("dataset",)
+FULL_SUBSET = "all"
+# The one criterion that reads neither features nor scores.
+RANDOM = "random"
+# Probe models (for "loss" / "grad" scores) are trained with this seed whatever the trial's.
+PROBE_SEED = 0
+
+
+def _ref(
+    stage: str, inputs: dict[str, Any], upstream: dict[str, StageRef] | None = None
+) -> StageRef:
+    return StageRef(stage, VERSIONS[stage], inputs, upstream or {})
+
+
+def dataset(cfg: SweepConfig) -> StageRef:
+    """The data set and its splits (a source stage: read from lfm_core.data, never copied)."""
+    data = cfg.data
+    root = None if data.root is None else str(Path(data.root).expanduser().resolve())
+    inputs = {
+        "name": data.name,
+        "root": root,
+        "image_size": data.image_size,
+        "limit": data.limit,
+        "heldout_limit": data.heldout_limit,
+    }
+    return _ref("dataset", inputs)
+
+
+def autoencoder(cfg: SweepConfig) -> StageRef:
+    """A pretrained AutoencoderKL, or one trained on the train split; its held-out PSNR."""
+    section = cfg.autoencoder
+    if section.pretrained is not None:
+        inputs: dict[str, Any] = {"pretrained": section.pretrained, "subfolder": section.subfolder}
+    else:
+        inputs = {"config": asdict(section.core())}
+    return _ref("autoencoder", inputs, {"dataset": dataset(cfg)})
+
+
+def latents(cfg: SweepConfig) -> StageRef:
+    """Scaled latents (N, c, h, w) and labels (N,) of the train split."""
+    return _ref("latents", {}, {"dataset": dataset(cfg), "autoencoder": autoencoder(cfg)})
+
+
+def extractor(cfg: SweepConfig, role: str) -> StageRef:
+    """The feature extractor of a role ("clustering", "fid", "stability")."""
+    section = getattr(cfg.features, role)
+    return _ref("extractor", {"name": section.name, "path": section.path})
+
+
+def data_features(cfg: SweepConfig, role: str, split: str) -> StageRef:
+    """Features (N, D) of one split's images by the extractor of `role`."""
+    upstream = {"dataset": dataset(cfg), "extractor": extractor(cfg, role)}
+    return _ref("data_features", {"split": split}, upstream)
+
+
+def subset(cfg: SweepConfig, fraction: float, criterion: str, seed: int) -> StageRef:
+    """Indices of the train latents kept by `criterion` at `fraction`."""
+    upstream: dict[str, StageRef] = {"latents": latents(cfg)}
+    if fraction == 1.0:
+        # Every criterion keeps everything: one shared subset, so one shared model.
+        return _ref("subset", {"fraction": 1.0, "criterion": FULL_SUBSET}, upstream)
+    inputs: dict[str, Any] = {"fraction": fraction, "criterion": criterion}
+    if criterion in SCORE_CRITERIA:
+        upstream["scores"] = scores(cfg, criterion)
+    else:
+        inputs["seed"] = seed  # score criteria are deterministic: no seed in their key
+    if criterion not in (RANDOM, *SCORE_CRITERIA):
+        upstream["features"] = data_features(cfg, "clustering", "train")
+    if criterion.startswith(("cluster_", "balanced_")):
+        inputs["num_clusters"] = cfg.scoring.num_clusters
+    return _ref("subset", inputs, upstream)
+
+
+def fm_model(
+    cfg: SweepConfig,
+    subset_ref: StageRef,
+    name: str,
+    width: int | None,
+    steps: int,
+    seed: int,
+    snapshot_every: int | None = None,
+) -> StageRef:
+    """A velocity model trained on a subset (its EMA weights; with `snapshot_every`, also
+    the EMA weights every that many steps and the training time to each)."""
+    train = replace(cfg.train, steps=steps, seed=seed)
+    inputs: dict[str, Any] = {
+        "name": name,
+        "width": width,
+        "conditional": cfg.data.conditional,
+        "train": asdict(train),
+        # Each rank draws its own batches, so the world size changes the model.
+        "num_workers": cfg.resources.num_workers,
+    }
+    if snapshot_every:
+        inputs["snapshot_every"] = snapshot_every
+    return _ref("fm_model", inputs, {"latents": latents(cfg), "subset": subset_ref})
+
+
+def probe(cfg: SweepConfig) -> StageRef:
+    """The early full-data model whose per-sample losses or gradients score the data."""
+    full = subset(cfg, 1.0, FULL_SUBSET, PROBE_SEED)
+    model = cfg.model
+    return fm_model(cfg, full, model.name, model.width, cfg.scoring.probe_steps, PROBE_SEED)
+
+
+def scores(cfg: SweepConfig, kind: str) -> StageRef:
+    """Per-sample scores (N,) of kind "loss" or "grad" from the probe model."""
+    inputs = {"kind": kind, "num_noise": cfg.scoring.num_noise, "seed": PROBE_SEED}
+    return _ref("scores", inputs, {"latents": latents(cfg), "probe": probe(cfg)})
+
+
+def reference(cfg: SweepConfig, seed: int) -> StageRef:
+    """The full-data reference model (the fine model of coarse-to-fine trials)."""
+    ref = cfg.reference
+    steps = ref.steps or cfg.train.steps
+    return fm_model(cfg, subset(cfg, 1.0, FULL_SUBSET, seed), ref.name, ref.width, steps, seed)
+
+
+def _sampling_inputs(cfg: SweepConfig) -> dict[str, Any]:
+    sampling = cfg.sampling
+    return {
+        "steps": sampling.steps,
+        "solver": sampling.solver,
+        "first_seed": sampling.first_seed,
+        "guidance_scale": sampling.guidance_scale,
+    }
+
+
+def samples(
+    cfg: SweepConfig, model: StageRef, fine: StageRef | None = None, t_split: float | None = None
+) -> StageRef:
+    """Decoded samples of the fixed seeds with their FID and stability features."""
+    inputs = {**_sampling_inputs(cfg), "num_samples": cfg.sampling.num_samples, "t_split": t_split}
+    upstream = {
+        "model": model,
+        "autoencoder": autoencoder(cfg),
+        "fid_extractor": extractor(cfg, "fid"),
+        "stability_extractor": extractor(cfg, "stability"),
+    }
+    if fine is not None:
+        upstream["fine"] = fine
+    return _ref("samples", inputs, upstream)
+
+
+def t_split_choice(cfg: SweepConfig, coarse: StageRef, fine: StageRef) -> StageRef:
+    """The largest t_split of a pair within the similarity budget (lfm_core.choose_t_split)."""
+    sampling = cfg.sampling
+    inputs = {
+        **_sampling_inputs(cfg),
+        "budget": sampling.t_split_budget,
+        "calibration": sampling.t_split_calibration,
+        "candidates": list(T_SPLIT_CANDIDATES),
+    }
+    upstream = {
+        "model": coarse,
+        "fine": fine,
+        "autoencoder": autoencoder(cfg),
+        "stability_extractor": extractor(cfg, "stability"),
+    }
+    return _ref("t_split_choice", inputs, upstream)
+
+
+def timing(
+    cfg: SweepConfig, model: StageRef, ref_model: StageRef, t_split: float | None
+) -> StageRef:
+    """Sampling time of (model -> reference at t_split) against the reference alone, on one
+    batch, and the FLOP bound of that speedup."""
+    sampling = cfg.sampling
+    inputs = {
+        **_sampling_inputs(cfg),
+        "t_split": t_split,
+        "repeats": sampling.timing_repeats,
+        "batch": min(sampling.batch_size, sampling.num_samples),
+    }
+    return _ref("timing", inputs, {"model": model, "reference": ref_model})
+
+
+@dataclass(frozen=True)
+class TrialRefs:
+    """The stages behind one trial's metrics.
+
+    Attributes:
+        subset: the training subset. model: the trial's FM model. reference: the reference
+        model. samples: the trial's samples (coarse-to-fine when t_split is set).
+        model_samples: the trial model's own samples. reference_samples: the reference's.
+        metrics: the trial's metrics.
+    """
+
+    subset: StageRef
+    model: StageRef
+    reference: StageRef
+    samples: StageRef
+    model_samples: StageRef
+    reference_samples: StageRef
+    metrics: StageRef
+
+
+def trial(cfg: SweepConfig, point: Trial) -> TrialRefs:
+    """Every stage a trial's metrics depend on."""
+    subset_ref = subset(cfg, point.data_fraction, point.criterion, point.seed)
+    width = cfg.model.width if point.width is None else point.width
+    model = fm_model(cfg, subset_ref, cfg.model.name, width, cfg.train.steps, point.seed)
+    ref_model = reference(cfg, point.seed)
+    model_samples, reference_samples = samples(cfg, model), samples(cfg, ref_model)
+    trial_samples = (
+        model_samples if point.t_split is None else samples(cfg, model, ref_model, point.t_split)
+    )
+    upstream = {
+        "subset": subset_ref,
+        "model": model,
+        "samples": trial_samples,
+        "model_samples": model_samples,
+        "reference_samples": reference_samples,
+        "heldout_features": data_features(cfg, "fid", "heldout"),
+        "timing": timing(cfg, model, ref_model, point.t_split),
+    }
+    if point.t_split is not None:
+        upstream["t_split_choice"] = t_split_choice(cfg, model, ref_model)
+    metrics = _ref("metrics", {"t_split": point.t_split}, upstream)
+    return TrialRefs(
+        subset_ref, model, ref_model, trial_samples, model_samples, reference_samples, metrics
+    )
+
+
+def stages_of(cfg: SweepConfig, point: Trial) -> list[StageRef]:
+    """The cached stages a trial needs (source stages excluded), upstream first."""
+    found = trial(cfg, point).metrics.closure()
+    order = list(VERSIONS)
+    refs = [ref for ref in found.values() if ref.stage not in SOURCE_STAGES]
+    return sorted(refs, key=lambda ref: order.index(ref.stage))

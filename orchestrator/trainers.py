@@ -1,0 +1,165 @@
+"""Trainers: who runs lfm_core's flow-matching loop for the fm_model stage.
+
+One small interface, `Trainer.fit`, with two implementations: `RayTrainer` (a Ray Train
+TorchTrainer worker group, DDP; what sweeps use) and `InProcessTrainer` (the same loop in this
+process with one worker; for unit tests, benchmarks and notebooks). Both build the network
+from its seed alone and run `lfm_core.train.train_velocity` on the same data, so one worker
+of either gives the same model.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from lfm_core.checkpoint import load_velocity
+from lfm_core.errors import ConfigError
+from lfm_core.train import TrainConfig, train_velocity
+from lfm_core.velocity import VelocityConfig, VelocityModel, build_velocity
+from orchestrator.config import ResourcesSection
+
+# (latents (N, C, H, W), labels (N,) or None): called on each worker, so it must be picklable.
+DataFn = Callable[[], tuple[Tensor, Tensor | None]]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The EMA weights of a model part-way through training, and the training time to them."""
+
+    step: int
+    seconds: float
+    ema: VelocityModel
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """A trained model (the EMA weights) and what the workers last reported.
+
+    Attributes:
+        ema: the EMA velocity model, on the CPU, in eval mode.
+        metrics: the last report of rank 0: loss, step, world_size, elapsed_s (training time).
+        snapshots: the EMA weights every `snapshot_every` steps (the last is `ema`), when asked.
+    """
+
+    ema: VelocityModel
+    metrics: dict[str, float]
+    snapshots: list[Snapshot] = field(default_factory=list)
+
+
+class Trainer(Protocol):
+    """Trains one velocity network and returns its EMA weights."""
+
+    def fit(
+        self,
+        data_fn: DataFn,
+        velocity: VelocityConfig,
+        train: TrainConfig,
+        num_workers: int,
+        run_name: str,
+        snapshot_every: int | None = None,
+    ) -> FitResult:
+        """Train `velocity` (seeded with train.seed) on data_fn()'s latents with `num_workers`
+        data-parallel workers; `run_name` names the run (a rerun with it may resume); keep the
+        EMA weights every `snapshot_every` steps."""
+        ...
+
+
+def seeded_velocity(config: VelocityConfig, seed: int) -> VelocityModel:
+    """Build a velocity network whose initial weights depend on `seed` alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_velocity(config)
+
+
+@dataclass(frozen=True)
+class InProcessTrainer:
+    """lfm_core's loop in this process: one worker, no Ray, no checkpoints on disk."""
+
+    progress: bool = False
+
+    def fit(
+        self,
+        data_fn: DataFn,
+        velocity: VelocityConfig,
+        train: TrainConfig,
+        num_workers: int,
+        run_name: str,
+        snapshot_every: int | None = None,
+    ) -> FitResult:
+        if num_workers != 1:
+            raise ConfigError(
+                f"resources.num_workers: the in-process trainer runs 1 worker, {run_name} asks "
+                f"for {num_workers}; use the Ray trainer or set resources.num_workers=1"
+            )
+        latents, labels = data_fn()
+        model = seeded_velocity(velocity, train.seed)
+        if snapshot_every:
+            train = replace(train, checkpoint_every=snapshot_every)
+        times: dict[int, float] = {}
+        started = time.perf_counter()
+
+        def report(step: int, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+            if checkpoint_dir is not None:
+                times[step] = time.perf_counter() - started
+
+        with tempfile.TemporaryDirectory() as out_dir:
+            result = train_velocity(
+                model,
+                latents,
+                train,
+                labels=labels,
+                out_dir=out_dir if snapshot_every else None,
+                report=report,
+                progress=self.progress,
+            )
+            snapshots = [
+                Snapshot(
+                    step,
+                    seconds,
+                    load_velocity(Path(out_dir, f"checkpoint-{step:07d}"), name="ema"),
+                )
+                for step, seconds in sorted(times.items())
+            ]
+        metrics = {
+            "loss": result.losses[-1][1],
+            "step": float(result.steps),
+            "world_size": float(result.world_size),
+            "elapsed_s": result.seconds,
+        }
+        return FitResult(ema=result.ema, metrics=metrics, snapshots=snapshots)
+
+
+@dataclass(frozen=True)
+class RayTrainer:
+    """A Ray Train TorchTrainer per fit (see `orchestrator.ray_train.fit_velocity`).
+
+    Attributes:
+        resources: CPUs / GPU per worker, failure budget, checkpoint period.
+        storage_uri: the storage root; runs live under <storage>/ray_train/<run_name>.
+    """
+
+    resources: ResourcesSection
+    storage_uri: str
+
+    def fit(
+        self,
+        data_fn: DataFn,
+        velocity: VelocityConfig,
+        train: TrainConfig,
+        num_workers: int,
+        run_name: str,
+        snapshot_every: int | None = None,
+    ) -> FitResult:
+        from orchestrator.ray_train import fit_velocity
+
+        resources = replace(self.resources, num_workers=num_workers)
+        return fit_velocity(
+            data_fn, velocity, train, resources, self.storage_uri, run_name, snapshot_every
+        )
