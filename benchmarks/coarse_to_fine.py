@@ -9,7 +9,7 @@ repeat: the speedup is the median over rounds of (large-alone time / coarse-to-f
 the samples of a sampler make its FID (decoded, classifier features, against the held-out
 split), per seed set of `samples_per_set` seeds, so the spread between sets shows FID noise.
 
-The FLOP bound is lfm_core.coarse_to_fine.flop_speedup_bound of forward_flops. The profile
+The FLOP bound is lfm_core.flops.flop_speedup_bound of forward_flops. The profile
 splits the gap to it in two: the forward-time bound (the same formula with each model's
 measured forward time in place of its FLOPs; below the FLOP bound when the small model runs at
 fewer FLOP/s) and solver/dispatch overhead (measured time beyond the forwards' time).
@@ -40,8 +40,9 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.embedded import TINY_DATA, DataConfig, EmbeddedData, load_embedded, train_cached
-from lfm_core.coarse_to_fine import flop_speedup_bound, forward_flops, sample_coarse_to_fine
+from lfm_core.coarse_to_fine import sample_coarse_to_fine
 from lfm_core.errors import ConfigError, check_choice, check_range
+from lfm_core.flops import flop_speedup_bound, forward_flops
 from lfm_core.solvers import METHODS, seeded_noise
 from lfm_core.train import TrainConfig
 from lfm_core.velocity import VELOCITY_SIZES, VelocityModel, count_parameters

@@ -36,15 +36,15 @@ from lfm_core.autoencoder import (
     train_autoencoder,
 )
 from lfm_core.checkpoint import load_velocity
-from lfm_core.data import ImageDataset, load_dataset
-from lfm_core.errors import ConfigError, check_range
-from lfm_core.features import (
+from lfm_core.classifier import (
     ClassifierFeatures,
-    FeatureExtractor,
     classifier_accuracy,
     load_or_train_mnist_classifier,
     train_classifier,
 )
+from lfm_core.data import ImageDataset, load_dataset
+from lfm_core.errors import ConfigError, check_range
+from lfm_core.features import FeatureExtractor
 from lfm_core.metrics import ReferenceStats, fid
 from lfm_core.solvers import sample, seeded_noise, uniform_grid
 from lfm_core.train import TrainConfig, train_velocity

@@ -147,6 +147,90 @@ def _reconstruction_loss(
     return loss
 
 
+@dataclass
+class _AutoencoderTraining:
+    """One autoencoder run: the model, what its steps update and the settings they read."""
+
+    vae: AutoencoderKL
+    cfg: AutoencoderConfig
+    device: torch.device
+    perceptual_fn: PerceptualFn | None
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    generator: torch.Generator
+    steps_per_epoch: int
+
+
+def _check_training_inputs(
+    images: Tensor, cfg: AutoencoderConfig, perceptual_fn: PerceptualFn | None
+) -> None:
+    if images.ndim != 4 or images.shape[1] != cfg.in_channels or images.shape[0] == 0:
+        raise ConfigError(
+            f"images: shape {tuple(images.shape)} must be (N > 0, in_channels={cfg.in_channels}, H, W)"
+        )
+    if cfg.perceptual_weight and perceptual_fn is None:
+        raise ConfigError(
+            f"perceptual_weight: {cfg.perceptual_weight} > 0 needs perceptual_fn (a frozen feature net)"
+        )
+
+
+def _start_training(
+    num_images: int,
+    cfg: AutoencoderConfig,
+    perceptual_fn: PerceptualFn | None,
+    device: torch.device,
+) -> _AutoencoderTraining:
+    """A fresh autoencoder on `device`, AdamW with the (cosine) schedule, the seeded generator."""
+    vae = build_autoencoder(cfg)
+    vae.to(device)  # type: ignore[arg-type]  # diffusers types `to` as a functools.wraps copy
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(num_images / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)) if cfg.cosine_lr else 1.0,
+    )
+    generator = torch.Generator().manual_seed(cfg.seed)  # CPU: the same stream on every device
+    return _AutoencoderTraining(
+        vae, cfg, device, perceptual_fn, optimizer, schedule, generator, steps_per_epoch
+    )
+
+
+def _train_epoch(
+    run: _AutoencoderTraining,
+    images: Tensor,
+    epoch: int,
+    heldout: Tensor | None,
+    progress: bool,
+) -> dict[str, float]:
+    """One shuffled pass over images; its mean loss, seconds and (if given) held-out PSNR."""
+    cfg, vae = run.cfg, run.vae
+    vae.train()
+    start, loss_sum = time.perf_counter(), 0.0
+    order = torch.randperm(images.shape[0], generator=run.generator)
+    with tqdm(
+        total=run.steps_per_epoch,
+        desc=f"autoencoder epoch {epoch + 1}/{cfg.epochs}",
+        disable=not progress,
+    ) as bar:
+        for step, index in enumerate(order.split(cfg.batch_size), start=1):
+            loss = _reconstruction_loss(
+                vae, images[index].to(run.device), cfg, run.generator, run.perceptual_fn
+            )
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            run.optimizer.step()
+            run.schedule.step()
+            loss_sum += loss.item()
+            bar.update()
+            bar.set_postfix(loss=f"{loss_sum / step:.4g}")
+        summary = {"loss": loss_sum / run.steps_per_epoch, "seconds": time.perf_counter() - start}
+        if heldout is not None:
+            summary["heldout_psnr"] = reconstruction_psnr(vae, heldout)
+            bar.set_postfix(loss=f"{summary['loss']:.4g}", psnr=f"{summary['heldout_psnr']:.2f}")
+    return summary
+
+
 def train_autoencoder(
     images: Tensor,
     cfg: AutoencoderConfig,
@@ -173,52 +257,13 @@ def train_autoencoder(
     Returns:
         The trained AutoencoderKL, in eval mode, on `device`.
     """
-    if images.ndim != 4 or images.shape[1] != cfg.in_channels or images.shape[0] == 0:
-        raise ConfigError(
-            f"images: shape {tuple(images.shape)} must be (N > 0, in_channels={cfg.in_channels}, H, W)"
-        )
-    if cfg.perceptual_weight and perceptual_fn is None:
-        raise ConfigError(
-            f"perceptual_weight: {cfg.perceptual_weight} > 0 needs perceptual_fn (a frozen feature net)"
-        )
+    _check_training_inputs(images, cfg, perceptual_fn)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    vae = build_autoencoder(cfg)
-    vae.to(device)  # type: ignore[arg-type]  # diffusers types `to` as a functools.wraps copy
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(images.shape[0] / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)) if cfg.cosine_lr else 1.0,
-    )
-    generator = torch.Generator().manual_seed(cfg.seed)  # CPU: the same stream on every device
+    run = _start_training(images.shape[0], cfg, perceptual_fn, device)
     for epoch in range(cfg.epochs):
-        vae.train()
-        start, loss_sum = time.perf_counter(), 0.0
-        order = torch.randperm(images.shape[0], generator=generator)
-        with tqdm(
-            total=steps_per_epoch,
-            desc=f"autoencoder epoch {epoch + 1}/{cfg.epochs}",
-            disable=not progress,
-        ) as bar:
-            for step, index in enumerate(order.split(cfg.batch_size), start=1):
-                loss = _reconstruction_loss(
-                    vae, images[index].to(device), cfg, generator, perceptual_fn
-                )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                loss_sum += loss.item()
-                bar.update()
-                bar.set_postfix(loss=f"{loss_sum / step:.4g}")
-            summary = {"loss": loss_sum / steps_per_epoch, "seconds": time.perf_counter() - start}
-            if heldout is not None:
-                summary["heldout_psnr"] = reconstruction_psnr(vae, heldout)
-                bar.set_postfix(
-                    loss=f"{summary['loss']:.4g}", psnr=f"{summary['heldout_psnr']:.2f}"
-                )
+        summary = _train_epoch(run, images, epoch, heldout, progress)
         logger.info("autoencoder epoch %d/%d: %s", epoch + 1, cfg.epochs, summary)
+    vae = run.vae
     std = _posterior_mode(vae, images, DEFAULT_BATCH_SIZE, progress).double().std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
     return vae.eval()

@@ -12,14 +12,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch import Tensor
 
-from lfm_core.errors import ConfigError, check_range
-from lfm_core.paths import interpolate, per_sample_fm_loss
+from lfm_core.errors import check_range
 from lfm_core.solvers import NFECounter, sample, uniform_grid
-from lfm_core.train import TrainConfig, TrainResult, train_velocity
-from lfm_core.velocity import VelocityModel
+
+# The paper's default switch time (DiT-S/2 for t < 0.7, then DiT-XL/2).
+PAPER_T_SPLIT = 0.7
+
+
+def uses_coarse(t: Tensor, t_split: float) -> Tensor:
+    """Which times (any shape) the coarse model owns: t < t_split, and every t when t_split = 1.
+
+    The one switch rule of this module: `CoarseToFine` applies it to each row's t and
+    `sample_coarse_to_fine` to each step's start time. Returns a bool tensor of t's shape.
+    """
+    return (t < t_split) | (t_split == 1.0)
 
 
 class CoarseToFine:
@@ -34,7 +42,7 @@ class CoarseToFine:
         self.coarse, self.fine, self.t_split = coarse, fine, t_split
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
-        use_coarse = (t < self.t_split) | (self.t_split == 1.0)
+        use_coarse = uses_coarse(t, self.t_split)
         if bool(use_coarse.all()):
             return self.coarse(x, t, **cond)
         if not bool(use_coarse.any()):
@@ -83,7 +91,7 @@ def sample_coarse_to_fine(
     counted_coarse = NFECounter(_bind(coarse, cond))
     counted_fine = NFECounter(_bind(fine, cond))
     grid = uniform_grid(steps)
-    coarse_steps = steps if t_split == 1.0 else int((grid[:-1] < t_split).sum())
+    coarse_steps = int(uses_coarse(grid[:-1], t_split).sum())
     started = time.perf_counter()
     x = x_init
     if coarse_steps:
@@ -93,23 +101,6 @@ def sample_coarse_to_fine(
     seconds = time.perf_counter() - started
     samples = x
     return CoarseToFineResult(samples, counted_coarse.nfe, counted_fine.nfe, seconds)
-
-
-def forward_flops(model: nn.Module, x: Tensor, **cond: Tensor) -> int:
-    """FLOPs of one forward pass of model on x (B, C, H, W), counted by torch's FlopCounterMode."""
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(x, torch.full((x.shape[0],), 0.5), **cond)
-    return counter.get_total_flops()
-
-
-def flop_speedup_bound(flops_coarse: int, flops_fine: int, nfe_coarse: int, nfe_fine: int) -> float:
-    """The speedup over the fine model alone that FLOP counts allow (same total NFE).
-
-    bound = flops_fine (nfe_coarse + nfe_fine) / (flops_coarse nfe_coarse + flops_fine nfe_fine).
-    """
-    total = flops_coarse * nfe_coarse + flops_fine * nfe_fine
-    return flops_fine * (nfe_coarse + nfe_fine) / total
 
 
 # The switch times choose_t_split tries by default.
@@ -161,51 +152,3 @@ def choose_t_split(
         similarity[t_split] = cos.mean().item()
     passing = [t for t, s in similarity.items() if s >= 1 - budget]
     return TSplitChoice(max(passing, default=0.0), similarity)
-
-
-class SeamLoss:
-    """Fine-tuning loss for the coarse model on [0, t_split) that also matches the fine model.
-
-    loss = FM loss of the coarse model at t ~ U[0, t_split)
-           + weight * || coarse(x_s, s) - fine(x_s, s) ||^2 at s = t_split,
-    so the coarse model's velocity joins the fine model's at the seam where sampling switches.
-    Called as loss(model, x1, x0, t, **cond) with t drawn on [0, 1) and rescaled here.
-    """
-
-    def __init__(self, fine: nn.Module, t_split: float, weight: float = 1.0):
-        check_range("t_split", t_split, 0.0, 1.0, low_open=True)
-        self.fine = fine.eval().requires_grad_(False)
-        self.t_split, self.weight = t_split, weight
-
-    def __call__(
-        self, model: nn.Module, x1: Tensor, x0: Tensor, t: Tensor, **cond: Tensor
-    ) -> Tensor:
-        if t.max() >= 1.0:
-            raise ConfigError("t: SeamLoss expects t in [0, 1)")
-        fm = per_sample_fm_loss(model, x1, x0, t * self.t_split, **cond).mean()
-        seam_t = torch.full_like(t, self.t_split)
-        x_seam = interpolate(x0, x1, seam_t)
-        with torch.no_grad():
-            target = self.fine(x_seam, seam_t, **cond)
-        seam = (model(x_seam, seam_t, **cond) - target).pow(2).flatten(1).mean(1).mean()
-        return fm + self.weight * seam
-
-
-def seam_finetune(
-    coarse: VelocityModel,
-    fine: nn.Module,
-    latents: Tensor,
-    t_split: float,
-    cfg: TrainConfig,
-    *,
-    weight: float = 1.0,
-    labels: Tensor | None = None,
-    progress: bool = True,
-) -> TrainResult:
-    """Fine-tune `coarse` on [0, t_split) of `latents` (N, C, H, W) with SeamLoss against `fine`."""
-    if cfg.t_sampling != "uniform":
-        raise ConfigError(
-            "t_sampling: seam fine-tuning needs 'uniform' (t is rescaled to [0, t_split))"
-        )
-    loss = SeamLoss(fine, t_split, weight)
-    return train_velocity(coarse, latents, cfg, labels=labels, loss_fn=loss, progress=progress)

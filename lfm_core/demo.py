@@ -24,8 +24,8 @@ from lfm_core.autoencoder import (
     train_autoencoder,
 )
 from lfm_core.checkpoint import save_velocity
+from lfm_core.classifier import load_or_train_mnist_classifier
 from lfm_core.data import load_dataset
-from lfm_core.features import load_or_train_mnist_classifier
 from lfm_core.images import save_comparison, save_grid
 from lfm_core.metrics import fid
 from lfm_core.solvers import sample, seeded_noise, uniform_grid

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lfm_core.errors import check_choice
+from lfm_core.errors import ConfigError, check_choice, check_range
 
 T_SAMPLING = ("uniform", "logit_normal")
 
@@ -72,6 +72,34 @@ def fm_loss(
     if t is None:
         t = sample_t(x1.shape[0], t_sampling, generator=generator, device=x1.device)
     return per_sample_fm_loss(model, x1, x0, t, **cond).mean()
+
+
+class SeamLoss:
+    """Fine-tuning loss for the coarse model on [0, t_split) that also matches the fine model.
+
+    loss = FM loss of the coarse model at t ~ U[0, t_split)
+           + weight * || coarse(x_s, s) - fine(x_s, s) ||^2 at s = t_split,
+    so the coarse model's velocity joins the fine model's at the seam where sampling switches.
+    Called as loss(model, x1, x0, t, **cond) with t drawn on [0, 1) and rescaled here.
+    """
+
+    def __init__(self, fine: nn.Module, t_split: float, weight: float = 1.0):
+        check_range("t_split", t_split, 0.0, 1.0, low_open=True)
+        self.fine = fine.eval().requires_grad_(False)
+        self.t_split, self.weight = t_split, weight
+
+    def __call__(
+        self, model: nn.Module, x1: Tensor, x0: Tensor, t: Tensor, **cond: Tensor
+    ) -> Tensor:
+        if t.max() >= 1.0:
+            raise ConfigError("t: SeamLoss expects t in [0, 1)")
+        fm = per_sample_fm_loss(model, x1, x0, t * self.t_split, **cond).mean()
+        seam_t = torch.full_like(t, self.t_split)
+        x_seam = interpolate(x0, x1, seam_t)
+        with torch.no_grad():
+            target = self.fine(x_seam, seam_t, **cond)
+        seam = (model(x_seam, seam_t, **cond) - target).pow(2).flatten(1).mean(1).mean()
+        return fm + self.weight * seam
 
 
 def t_to_sigma(t: Tensor) -> Tensor:

@@ -36,15 +36,13 @@ from diffusers.utils import BaseOutput
 from torch import Tensor
 
 from lfm_core.autoencoder import decode
-from lfm_core.coarse_to_fine import sample_coarse_to_fine
+from lfm_core.coarse_to_fine import PAPER_T_SPLIT, sample_coarse_to_fine
 from lfm_core.errors import ConfigError, check_choice, check_range
 from lfm_core.solvers import CFG, VelocityFn, sample, seeded_noise, uniform_grid
 from lfm_core.velocity import VelocityConfig, VelocityModel, build_velocity
 
 OUTPUT_TYPES = ("pt", "pil")
 DEFAULT_STEPS = 60
-# The paper's default switch time (DiT-S/2 for t < 0.7, then DiT-XL/2).
-PAPER_T_SPLIT = 0.7
 MODEL_INDEX = "model_index.json"
 # Scheduler settings under which its steps are this package's uniform Euler steps in t.
 UNIFORM_EULER_SCHEDULER = {
@@ -206,6 +204,19 @@ class _Ticking:
         return self.velocity_fn(x, t)
 
 
+@dataclass(frozen=True)
+class _Request:
+    """A checked pipeline call: the seeds' noise (N, C, s, s) and the labels (N,) or None."""
+
+    noise: Tensor
+    labels: Tensor | None
+    guidance_scale: float
+
+    def velocity_fn(self, model: DiffusersVelocity, bar: Any) -> VelocityFn:
+        """v(x, t) of `model`, guided when labelled, advancing `bar` once per call."""
+        return _Ticking(_guided(model, self.labels, self.guidance_scale), bar)
+
+
 class _LatentPipeline(DiffusionPipeline):
     """What both pipelines share: local loading with one-line errors, noise and decoding."""
 
@@ -242,6 +253,20 @@ class _LatentPipeline(DiffusionPipeline):
         except (OSError, ValueError) as err:
             reason = " ".join(str(err).split())
             raise ConfigError(f"pipeline: cannot load {str(folder)!r}: {reason}") from None
+
+    def _request(
+        self,
+        model: DiffusersVelocity,
+        seeds: Sequence[int],
+        class_labels: Sequence[int] | Tensor | None,
+        guidance_scale: float,
+        output_type: str,
+    ) -> _Request:
+        """Check a call's arguments against `model`; its noise and labels (one-line errors)."""
+        check_choice("output_type", output_type, OUTPUT_TYPES)
+        noise = self._noise(seeds, model)
+        labels = _class_labels(model, class_labels, len(seeds), guidance_scale, self.device)
+        return _Request(noise, labels, guidance_scale)
 
     def _noise(self, seeds: Sequence[int], model: DiffusersVelocity) -> Tensor:
         """Noise (len(seeds), C, s, s) on the pipeline's device; row i from seeds[i] alone."""
@@ -300,13 +325,10 @@ class LatentFlowPipeline(_LatentPipeline):
         Returns:
             LatentFlowOutput with the images and the latents they were decoded from.
         """
-        check_choice("output_type", output_type, OUTPUT_TYPES)
-        noise = self._noise(seeds, self.velocity)
-        labels = _class_labels(self.velocity, class_labels, len(seeds), guidance_scale, self.device)
+        request = self._request(self.velocity, seeds, class_labels, guidance_scale, output_type)
         grid = uniform_grid(num_steps)
         with self.progress_bar(total=num_steps) as bar:
-            velocity_fn = _Ticking(_guided(self.velocity, labels, guidance_scale), bar)
-            latents = sample(velocity_fn, noise, grid, "euler")
+            latents = sample(request.velocity_fn(self.velocity, bar), request.noise, grid, "euler")
         return LatentFlowOutput(images=self._images(latents, output_type), latents=latents.cpu())
 
 
@@ -351,15 +373,13 @@ class CoarseToFinePipeline(_LatentPipeline):
         Returns:
             CoarseToFineOutput: images, latents, NFE of each model and the ODE's seconds.
         """
-        check_choice("output_type", output_type, OUTPUT_TYPES)
-        noise = self._noise(seeds, self.fine)
-        labels = _class_labels(self.fine, class_labels, len(seeds), guidance_scale, self.device)
+        request = self._request(self.fine, seeds, class_labels, guidance_scale, output_type)
         split = self.config["t_split"] if t_split is None else t_split
         with self.progress_bar(total=num_steps) as bar:
             result = sample_coarse_to_fine(
-                _Ticking(_guided(self.coarse, labels, guidance_scale), bar),
-                _Ticking(_guided(self.fine, labels, guidance_scale), bar),
-                noise,
+                request.velocity_fn(self.coarse, bar),
+                request.velocity_fn(self.fine, bar),
+                request.noise,
                 split,
                 steps=num_steps,
             )

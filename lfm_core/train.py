@@ -1,8 +1,9 @@
-"""The flow-matching training loop (plumbing only: the loss lives in lfm_core.paths).
+"""The flow-matching training loop (plumbing only: the losses live in lfm_core.paths).
 
 Runs on `accelerate`: the device, mixed precision on GPU, and DDP whenever a torch.distributed
 process group exists (under Ray Train or `accelerate launch`). AdamW with linear warm-up, gradient
-clipping, an EMA of the weights, periodic checkpoints and exact resume.
+clipping, an EMA of the weights, periodic checkpoints and exact resume. `seam_finetune` runs the
+same loop with `lfm_core.paths.SeamLoss` (coarse-to-fine's optional fine-tuning).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import cast
 
 import torch
 from accelerate import Accelerator
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
@@ -27,7 +28,7 @@ from lfm_core.checkpoint import (
     save_checkpoint,
 )
 from lfm_core.errors import ConfigError, check_choice, check_range
-from lfm_core.paths import T_SAMPLING, fm_loss, sample_t
+from lfm_core.paths import T_SAMPLING, SeamLoss, fm_loss, sample_t
 from lfm_core.velocity import VelocityModel
 
 ReportFn = Callable[[int, dict[str, float], str | None], None]
@@ -80,6 +81,158 @@ def _batch_generator(seed: int, rank: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + step) % 2**63)
 
 
+@dataclass
+class _Loop:
+    """One run's state: what every step updates and every checkpoint saves.
+
+    `model` is the network as given (its config and null label); `wrapped` is the same network
+    as accelerate prepared it (DDP when a process group exists), the one the loss calls.
+    """
+
+    cfg: TrainConfig
+    accelerator: Accelerator
+    model: VelocityModel
+    wrapped: nn.Module
+    ema: AveragedModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    data: Tensor
+    label_data: Tensor | None
+    local_batch: int
+    start: int
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+
+def _resume(
+    resume_from: str | Path,
+    model: VelocityModel,
+    ema: AveragedModel,
+    optimizer: torch.optim.Optimizer,
+) -> int:
+    """Load model, EMA and optimizer state from a checkpoint of train_velocity; its step."""
+    state = load_config(resume_from).get("train_state")
+    if not isinstance(state, dict) or "step" not in state:
+        raise ConfigError(
+            f"checkpoint {resume_from}: not a training checkpoint (config.json has no "
+            "train_state.step); resume only from checkpoints written by train_velocity"
+        )
+    start = int(state["step"])
+    load_into(model, load_state(resume_from, "model"), resume_from)
+    load_into(ema.module, load_state(resume_from, "ema"), resume_from)
+    optimizer.load_state_dict(load_extra_state(resume_from, "optimizer"))
+    ema.n_averaged.fill_(start)
+    return start
+
+
+def _setup(
+    model: VelocityModel,
+    latents: Tensor,
+    cfg: TrainConfig,
+    labels: Tensor | None,
+    resume_from: str | Path | None,
+) -> _Loop:
+    """Accelerator, EMA, AdamW with linear warm-up (resumed if asked) and the data on device."""
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision
+    )
+    world = accelerator.num_processes
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size: {cfg.batch_size} is not divisible by {world} workers")
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0 if resume_from is None else _resume(resume_from, model, ema, optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)), last_epoch=start - 1
+    )
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    ema.to(accelerator.device)
+    data = latents.to(accelerator.device)
+    label_data = None
+    if labels is not None and model.config.num_classes > 0:
+        label_data = labels.to(accelerator.device)
+    return _Loop(
+        cfg,
+        accelerator,
+        model,
+        wrapped,
+        ema,
+        optimizer,
+        scheduler,
+        data,
+        label_data,
+        cfg.batch_size // world,
+        start,
+    )
+
+
+def _batch_loss(loop: _Loop, loss_fn: LossFn, step: int) -> Tensor:
+    """The loss on `step`'s batch: indices, label dropout, noise and times from its generator."""
+    gen = _batch_generator(loop.cfg.seed, loop.accelerator.process_index, step)
+    data, batch = loop.data, loop.local_batch
+    idx = torch.randint(0, data.shape[0], (batch,), generator=gen).to(data.device)
+    cond = {}
+    if loop.label_data is not None:
+        drop = torch.rand(batch, generator=gen).to(data.device) < loop.cfg.class_dropout
+        y = loop.label_data[idx]
+        cond["class_labels"] = torch.where(drop, torch.full_like(y, loop.model.null_label), y)
+    x0 = torch.randn(data[idx].shape, generator=gen).to(data.device)
+    t = sample_t(batch, loop.cfg.t_sampling, generator=gen).to(data.device)
+    return loss_fn(loop.wrapped, data[idx], x0, t, **cond)
+
+
+def _optimizer_step(loop: _Loop, loss: Tensor) -> None:
+    """Backward, clip, AdamW and schedule step, then the EMA update."""
+    loop.optimizer.zero_grad(set_to_none=True)
+    loop.accelerator.backward(loss)
+    if loop.cfg.grad_clip > 0:
+        loop.accelerator.clip_grad_norm_(loop.wrapped.parameters(), loop.cfg.grad_clip)
+    loop.optimizer.step()
+    loop.scheduler.step()
+    loop.ema.update_parameters(loop.accelerator.unwrap_model(loop.wrapped))
+
+
+def _save(loop: _Loop, out_dir: str | Path | None, step: int) -> str | None:
+    """Checkpoint `checkpoint-<step>` on rank 0 (model, EMA, optimizer, train_state); its path."""
+    if out_dir is None or not loop.accelerator.is_main_process:
+        return None
+    directory = Path(out_dir) / f"checkpoint-{step:07d}"
+    state = {"train": asdict(loop.cfg), "velocity": loop.model.config.to_dict()}
+    save_checkpoint(
+        directory,
+        {"model": loop.accelerator.unwrap_model(loop.wrapped), "ema": loop.ema.module},
+        {**state, "train_state": {"step": step, "world_size": loop.world}},
+        extra_state={"optimizer": loop.optimizer.state_dict()},
+    )
+    return str(directory)
+
+
+def _record(
+    loop: _Loop,
+    done: int,
+    loss: Tensor,
+    bar: tqdm,
+    out_dir: str | Path | None,
+    report: ReportFn | None,
+) -> None:
+    """Every log_every steps and at checkpoints: the mean loss over ranks, saved and reported."""
+    cfg = loop.cfg
+    is_log = done % cfg.log_every == 0 or done == cfg.steps
+    is_ckpt = done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+    if not (is_log or is_ckpt):
+        return
+    mean_loss = loop.accelerator.reduce(loss.detach(), reduction="mean").item()
+    loop.losses.append((done, mean_loss))
+    bar.set_postfix(loss=f"{mean_loss:.4f}")
+    ckpt = _save(loop, out_dir, done) if is_ckpt else None
+    if report is not None:
+        metrics = {"loss": mean_loss, "step": float(done), "world_size": float(loop.world)}
+        report(done, metrics, ckpt)
+
+
 def train_velocity(
     model: VelocityModel,
     latents: Tensor,
@@ -107,100 +260,50 @@ def train_velocity(
         report: called on every rank as report(step, metrics, checkpoint_dir_or_None) every
             cfg.log_every steps and at each checkpoint (the directory only on rank 0).
         loss_fn: loss_fn(model, x1, x0, t, **cond) -> scalar; the flow-matching loss by default
-            (coarse_to_fine.SeamLoss for seam fine-tuning).
+            (paths.SeamLoss in seam_finetune).
         progress: show a tqdm bar on rank 0.
     """
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision
-    )
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if cfg.batch_size % world:
-        raise ConfigError(f"batch_size: {cfg.batch_size} is not divisible by {world} workers")
-    local_batch = cfg.batch_size // world
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = 0
-    if resume_from is not None:
-        state = load_config(resume_from).get("train_state")
-        if not isinstance(state, dict) or "step" not in state:
-            raise ConfigError(
-                f"checkpoint {resume_from}: not a training checkpoint (config.json has no "
-                "train_state.step); resume only from checkpoints written by train_velocity"
-            )
-        start = int(state["step"])
-        load_into(model, load_state(resume_from, "model"), resume_from)
-        load_into(ema.module, load_state(resume_from, "ema"), resume_from)
-        optimizer.load_state_dict(load_extra_state(resume_from, "optimizer"))
-        ema.n_averaged.fill_(start)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)), last_epoch=start - 1
-    )
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
-    ema.to(accelerator.device)
-    data = latents.to(accelerator.device)
-    label_data = None
-    if labels is not None and model.config.num_classes > 0:
-        label_data = labels.to(accelerator.device)
-
-    def save(step: int) -> str | None:
-        if out_dir is None or not accelerator.is_main_process:
-            return None
-        directory = Path(out_dir) / f"checkpoint-{step:07d}"
-        state = {"train": asdict(cfg), "velocity": model.config.to_dict()}
-        save_checkpoint(
-            directory,
-            {"model": accelerator.unwrap_model(wrapped), "ema": ema.module},
-            {**state, "train_state": {"step": step, "world_size": world}},
-            extra_state={"optimizer": optimizer.state_dict()},
-        )
-        return str(directory)
-
-    losses: list[tuple[int, float]] = []
+    loop = _setup(model, latents, cfg, labels, resume_from)
     started = time.perf_counter()
     bar = tqdm(
-        range(start, cfg.steps),
-        initial=start,
+        range(loop.start, cfg.steps),
+        initial=loop.start,
         total=cfg.steps,
         desc="train FM",
-        disable=not (progress and accelerator.is_main_process),
+        disable=not (progress and loop.accelerator.is_main_process),
     )
-    wrapped.train()
+    loop.wrapped.train()
     for step in bar:
-        gen = _batch_generator(cfg.seed, rank, step)
-        idx = torch.randint(0, data.shape[0], (local_batch,), generator=gen).to(data.device)
-        cond = {}
-        if label_data is not None:
-            drop = torch.rand(local_batch, generator=gen).to(data.device) < cfg.class_dropout
-            y = label_data[idx]
-            cond["class_labels"] = torch.where(drop, torch.full_like(y, model.null_label), y)
-        x0 = torch.randn(data[idx].shape, generator=gen).to(data.device)
-        t = sample_t(local_batch, cfg.t_sampling, generator=gen).to(data.device)
-        loss = loss_fn(wrapped, data[idx], x0, t, **cond)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        if cfg.grad_clip > 0:
-            accelerator.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        ema.update_parameters(accelerator.unwrap_model(wrapped))
-        done = step + 1
-        is_log = done % cfg.log_every == 0 or done == cfg.steps
-        is_ckpt = done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
-        if is_log or is_ckpt:
-            mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
-            losses.append((done, mean_loss))
-            bar.set_postfix(loss=f"{mean_loss:.4f}")
-            ckpt = save(done) if is_ckpt else None
-            if report is not None:
-                metrics = {"loss": mean_loss, "step": float(done), "world_size": float(world)}
-                report(done, metrics, ckpt)
+        loss = _batch_loss(loop, loss_fn, step)
+        _optimizer_step(loop, loss)
+        _record(loop, step + 1, loss, bar, out_dir, report)
     seconds = time.perf_counter() - started
-    trained = cast(VelocityModel, accelerator.unwrap_model(wrapped).cpu().eval())
+    trained = cast(VelocityModel, loop.accelerator.unwrap_model(loop.wrapped).cpu().eval())
     return TrainResult(
         model=trained,
-        ema=cast(VelocityModel, ema.module.cpu().eval()),
+        ema=cast(VelocityModel, loop.ema.module.cpu().eval()),
         steps=cfg.steps,
         seconds=seconds,
-        world_size=world,
-        losses=losses,
+        world_size=loop.world,
+        losses=loop.losses,
     )
+
+
+def seam_finetune(
+    coarse: VelocityModel,
+    fine: nn.Module,
+    latents: Tensor,
+    t_split: float,
+    cfg: TrainConfig,
+    *,
+    weight: float = 1.0,
+    labels: Tensor | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Fine-tune `coarse` on [0, t_split) of `latents` (N, C, H, W) with SeamLoss against `fine`."""
+    if cfg.t_sampling != "uniform":
+        raise ConfigError(
+            "t_sampling: seam fine-tuning needs 'uniform' (t is rescaled to [0, t_split))"
+        )
+    loss = SeamLoss(fine, t_split, weight)
+    return train_velocity(coarse, latents, cfg, labels=labels, loss_fn=loss, progress=progress)

@@ -31,6 +31,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from requests.exceptions import RequestException
 
+from lfm_core.coarse_to_fine import PAPER_T_SPLIT
 from lfm_core.errors import ConfigError
 from orchestrator.config import DEFAULT_RESULTS_DIR, STORAGE_ENV, TRACKING_ENV
 from orchestrator.report_figures import (
@@ -74,8 +75,6 @@ TABLE_NAMES = (
     "table3_coarse_to_fine",
     "table4_conditional",
 )
-# The paper's default switch time: the coarse-to-fine grid shown when none was chosen automatically.
-PAPER_T_SPLIT = 0.7
 GRID_KINDS = ("reduced data", "small model", "coarse-to-fine")
 SEARCH_PAGE = 1000
 # Bounded first contact, so a dead server is one quick error, not minutes of retries.

@@ -19,8 +19,8 @@ import torch
 
 from benchmarks import coarse_to_fine, data_reduction, run_all, stability_halves, sweep_efficiency
 from benchmarks.common import parse_config
-from lfm_core.coarse_to_fine import flop_speedup_bound
 from lfm_core.errors import ConfigError
+from lfm_core.flops import flop_speedup_bound
 from lfm_core.solvers import uniform_grid
 
 # ---- pure helpers --------------------------------------------------------------------------

@@ -3,18 +3,12 @@
 import pytest
 import torch
 
-from lfm_core.coarse_to_fine import (
-    CoarseToFine,
-    SeamLoss,
-    choose_t_split,
-    flop_speedup_bound,
-    forward_flops,
-    sample_coarse_to_fine,
-    seam_finetune,
-)
+from lfm_core.coarse_to_fine import CoarseToFine, choose_t_split, sample_coarse_to_fine
 from lfm_core.errors import ConfigError
+from lfm_core.flops import flop_speedup_bound, forward_flops
+from lfm_core.paths import SeamLoss
 from lfm_core.solvers import sample, seeded_noise, uniform_grid
-from lfm_core.train import TrainConfig
+from lfm_core.train import TrainConfig, seam_finetune
 from lfm_core.velocity import VelocityConfig, build_velocity
 
 
@@ -83,7 +77,17 @@ def test_bad_t_split():
         CoarseToFine(_model(16, 1), _model(16, 1), 1.5)
 
 
+class _Linear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 8)
+
+    def forward(self, x, t):
+        return self.linear(x)
+
+
 def test_flop_bound():
+    assert forward_flops(_Linear(), torch.zeros(3, 4)) == 2 * 3 * 4 * 8  # a (3, 4) @ (4, 8) matmul
     small, large = forward_flops(_model(16, 0), NOISE), forward_flops(_model(64, 0), NOISE)
     assert 0 < small < large
     assert flop_speedup_bound(small, large, 0, 60) == 1.0

@@ -27,6 +27,7 @@ def test_importing_every_core_module_loads_none_of_them():
     modules = sorted(
         p.stem for p in CORE.glob("*.py") if p.stem not in {"__init__", "__main__", "demo"}
     )
+    assert {"classifier", "coarse_to_fine", "features", "flops", "paths", "train"} <= set(modules)
     code = (
         "import sys, importlib\n"
         f"for m in {modules!r}: importlib.import_module('lfm_core.' + m)\n"
