@@ -91,7 +91,7 @@ def test_quota_helpers():
     assert balanced_counts(torch.tensor([3, 10, 10]), 15).tolist() == [3, 6, 6]
     assert balanced_counts(torch.tensor([10, 10, 10]), 8).tolist() == [2, 3, 3]
     assert proportional_counts(torch.tensor([10, 20, 30]), 30).tolist() == [5, 10, 15]
-    assert proportional_counts(torch.tensor([1, 1, 1]), 2).sum() == 2
+    assert proportional_counts(torch.tensor([1, 1, 1]), 2).tolist() == [1, 1, 0]
 
 
 def test_random_is_seeded():
@@ -180,21 +180,50 @@ def test_interior_grid_has_ten_values_inside_the_unit_interval():
 
 
 @pytest.mark.parametrize(
-    "call",
+    ("call", "message"),
     [
-        lambda: select("entropy", 0.5, num_samples=10),
-        lambda: select("random", 0.0, num_samples=10),
-        lambda: select("random", 1.5, num_samples=10),
-        lambda: select("random", 0.01, num_samples=10),
-        lambda: select("random", 0.5),
-        lambda: select("loss", 0.5, features=torch.zeros(10, 2)),
-        lambda: select("kcenter", 0.5, scores=torch.zeros(10)),
-        lambda: select("loss", 0.5, features=torch.zeros(9, 2), scores=torch.zeros(10)),
-        lambda: select("cluster_nearest", 0.5, features=torch.zeros(10, 2), num_clusters=11),
-        lambda: per_sample_scores(_Affine(), torch.zeros(4, 1), "hessian"),
+        (
+            lambda: select("entropy", 0.5, num_samples=10),
+            "criterion: unknown value 'entropy'; allowed: random, cluster_nearest, "
+            "cluster_furthest, balanced_nearest, balanced_furthest, loss, grad, kcenter",
+        ),
+        (
+            lambda: select("random", 0.0, num_samples=10),
+            "fraction: 0.0 is outside the allowed range (0.0, 1.0]",
+        ),
+        (
+            lambda: select("random", 1.5, num_samples=10),
+            "fraction: 1.5 is outside the allowed range (0.0, 1.0]",
+        ),
+        (lambda: select("random", 0.01, num_samples=10), "fraction: 0.01 of 10 samples keeps none"),
+        (
+            lambda: select("random", 0.5),
+            "select: need features, scores or num_samples of one length N, got {}",
+        ),
+        (
+            lambda: select("loss", 0.5, features=torch.zeros(10, 2)),
+            "criterion 'loss' needs scores of shape (N,)",
+        ),
+        (
+            lambda: select("kcenter", 0.5, scores=torch.zeros(10)),
+            "criterion 'kcenter' needs features of shape (N, D)",
+        ),
+        (
+            lambda: select("loss", 0.5, features=torch.zeros(9, 2), scores=torch.zeros(10)),
+            "select: need features, scores or num_samples of one length N, "
+            "got {'features': 9, 'scores': 10}",
+        ),
+        (
+            lambda: select("cluster_nearest", 0.5, features=torch.zeros(10, 2), num_clusters=11),
+            "num_clusters: 11 is outside the allowed range [1, 10]",
+        ),
+        (
+            lambda: per_sample_scores(_Affine(), torch.zeros(4, 1), "hessian"),
+            "kind: unknown value 'hessian'; allowed: loss, grad",
+        ),
     ],
 )
-def test_bad_inputs_give_one_line_config_errors(call):
+def test_bad_inputs_give_one_line_config_errors(call, message):
     with pytest.raises(ConfigError) as info:
         call()
-    assert "\n" not in str(info.value)
+    assert str(info.value) == message
