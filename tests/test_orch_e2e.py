@@ -8,23 +8,30 @@ a second run of the same sweep, which builds nothing.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_overrides
 from mlflow import MlflowClient
 from ray import cloudpickle
 
+from lfm_core.train import TrainConfig
+from lfm_core.velocity import VelocityConfig
 from orchestrator import cli, tracking
 from orchestrator.cache import StageCache, StageRef
-from orchestrator.config import load_sweep
+from orchestrator.config import SweepConfig, load_sweep
 from orchestrator.locks import LOCKS_ACTOR, LOCKS_NAMESPACE
-from orchestrator.stages import METRIC_KEYS, StageGraph
+from orchestrator.schema import METRIC_KEYS
+from orchestrator.stage_builders import load_training_data
+from orchestrator.stages import StageGraph
 from orchestrator.storage import Storage
-from orchestrator.sweep import cache_for, can_resume, run_sweep
+from orchestrator.sweep import SweepOutcome, cache_for, can_resume, run_sweep
+from orchestrator.trainers import InProcessTrainer
 from orchestrator.trials import expand_trials
 
 pytestmark = pytest.mark.integration
@@ -46,15 +53,22 @@ TRIAL_PARAMS = {
 }
 
 
-def test_tiny_sweep_tracks_every_trial_and_builds_each_stage_once(
+@pytest.fixture(scope="module")
+def swept(
     ray_local: None, mlflow_server: str, tiny_dinov2: Path, tiny_storage: Path
-) -> None:
+) -> tuple[SweepConfig, SweepOutcome]:
+    """The tiny sweep, run once for the tests of this module."""
     cfg = load_sweep(TINY, tiny_overrides(tiny_storage, tiny_dinov2, mlflow_server))
+    return cfg, run_sweep(cfg)
+
+
+def test_tiny_sweep_tracks_every_trial_and_builds_each_stage_once(
+    swept: tuple[SweepConfig, SweepOutcome], mlflow_server: str
+) -> None:
+    cfg, first = swept
     trials = expand_trials(cfg)
     assert len(trials) >= 4 and len({t.data_fraction for t in trials}) == 2
     assert len({t.criterion for t in trials}) == 2
-
-    first = run_sweep(cfg)
     assert first.errors == [] and sorted(first.metrics) == sorted(t.name for t in trials)
 
     client = MlflowClient(mlflow_server)
@@ -90,12 +104,34 @@ def test_tiny_sweep_tracks_every_trial_and_builds_each_stage_once(
     assert len(tracking.children(cfg, second.experiment_id, second.parent_run_id)) == len(trials)
 
 
-def test_resume_of_a_finished_sweep_reruns_nothing(
-    ray_local: None, mlflow_server: str, tiny_dinov2: Path, tiny_storage: Path
+def test_ray_train_and_the_in_process_trainer_train_the_same_model(
+    swept: tuple[SweepConfig, SweepOutcome],
 ) -> None:
-    cfg = load_sweep(TINY, tiny_overrides(tiny_storage, tiny_dinov2, mlflow_server))
-    if not can_resume(cfg):
-        run_sweep(cfg)
+    cfg, _ = swept
+    graph = StageGraph(cfg, cache_for(cfg))
+    ref = graph.trial(expand_trials(cfg)[0]).reference
+    by_ray = graph.load_model(ref).state_dict()
+    data = functools.partial(
+        load_training_data, graph.cache, ref.upstream["latents"], ref.upstream["subset"], False
+    )
+    latents_info = graph.info(ref.upstream["latents"])
+    velocity = VelocityConfig(
+        ref.inputs["name"],
+        in_channels=latents_info["shape"][1],
+        sample_size=latents_info["shape"][-1],
+        width=ref.inputs["width"],
+    )
+    train = TrainConfig(**ref.inputs["train"])
+    in_process = InProcessTrainer().fit(data, velocity, train, 1, "check").ema.state_dict()
+    assert by_ray.keys() == in_process.keys()
+    assert all(torch.equal(by_ray[name], in_process[name]) for name in by_ray)
+
+
+def test_resume_of_a_finished_sweep_reruns_nothing(
+    swept: tuple[SweepConfig, SweepOutcome],
+) -> None:
+    cfg, _ = swept
+    assert can_resume(cfg)
     records = len(cache_for(cfg).records())
     parent = Storage(cfg.storage_uri).read_json(f"sweeps/{cfg.name}/parent_run.json")[
         "parent_run_id"
@@ -111,7 +147,7 @@ def test_resume_of_a_finished_sweep_reruns_nothing(
 
 
 def test_train_and_sample_commands_reuse_the_sweep_stages(
-    ray_local: None,
+    swept: tuple[SweepConfig, SweepOutcome],
     mlflow_server: str,
     tiny_dinov2: Path,
     tiny_storage: Path,
@@ -121,6 +157,7 @@ def test_train_and_sample_commands_reuse_the_sweep_stages(
     overrides = tiny_overrides(tiny_storage, tiny_dinov2, mlflow_server)
     cfg = load_sweep(TINY, overrides)
     records = len(cache_for(cfg).records())
+    assert records > 0
     png = tmp_path / "grid.png"
     for argv in (
         ["train", str(TINY), *overrides, "--fraction", "0.5"],
@@ -132,8 +169,8 @@ def test_train_and_sample_commands_reuse_the_sweep_stages(
     out = capsys.readouterr().out
     assert "checkpoint: " in out and f"samples: {png}" in out
     assert png.stat().st_size > 0
-    if records:  # after the sweep above, both stages come from the cache
-        assert len(cache_for(cfg).records()) == records
+    # The sweep built both stages: the commands read them from the cache and build nothing.
+    assert len(cache_for(cfg).records()) == records
 
 
 def _build_slowly(root: str, start_at: float) -> str:
