@@ -25,8 +25,15 @@ from typing import TYPE_CHECKING, NoReturn
 from omegaconf import OmegaConf
 
 from lfm_core.errors import ConfigError
+from orchestrator import schema
 from orchestrator.cache import StageRef
-from orchestrator.config import DEFAULT_RESULTS_DIR, SweepConfig, load_sweep
+from orchestrator.config import (
+    AXES,
+    SweepConfig,
+    format_override,
+    load_sweep,
+    resolve_locations,
+)
 from orchestrator.report import build_report
 from orchestrator.report import main as report_main
 from orchestrator.trials import Trial, expand_trials
@@ -36,7 +43,13 @@ if TYPE_CHECKING:
 
 EXIT_BAD_INPUT = 2
 EXIT_TRIALS_FAILED = 1
-HEADLINE = ("fid", "stability_similarity", "stability_unrelated", "speedup", "train_time_s")
+HEADLINE = (
+    schema.FID,
+    schema.STABILITY_SIMILARITY,
+    schema.STABILITY_UNRELATED,
+    schema.SPEEDUP,
+    schema.TRAIN_TIME_S,
+)
 POINT_STUDY = "cli"
 
 
@@ -114,21 +127,13 @@ def _point_config(args: argparse.Namespace) -> tuple[SweepConfig, Trial]:
     The point goes through the same validation as a grid of a sweep file.
     """
 
-    def value(v: object) -> str:
-        return "null" if v is None else str(v)
-
     t_split = getattr(args, "t_split", None)
+    trial = Trial(POINT_STUDY, float(args.fraction), args.criterion, args.width, t_split, args.seed)
     point = [
-        f"search.{POINT_STUDY}.data_fraction=[{value(args.fraction)}]",
-        f"search.{POINT_STUDY}.criterion=[{args.criterion}]",
-        f"search.{POINT_STUDY}.width=[{value(args.width)}]",
-        f"search.{POINT_STUDY}.t_split=[{value(t_split)}]",
-        f"search.{POINT_STUDY}.seed=[{value(args.seed)}]",
+        format_override(f"search.{POINT_STUDY}.{axis}", [value])
+        for axis, value in zip(AXES, trial.point, strict=True)
     ]
-    cfg = load_sweep(args.file, [*args.overrides, *point])
-    return cfg, Trial(
-        POINT_STUDY, float(args.fraction), args.criterion, args.width, t_split, args.seed
-    )
+    return load_sweep(args.file, [*args.overrides, *point]), trial
 
 
 def print_plan(cfg: SweepConfig, trials: Sequence[Trial]) -> None:
@@ -167,8 +172,7 @@ def where_to_look(cfg: SweepConfig) -> str:
 
 def _report_dir(cfg: SweepConfig) -> Path:
     """Where a sweep writes its report: under local storage, else under ./results."""
-    root = cfg.storage_uri if not cfg.storage_uri.startswith("s3://") else DEFAULT_RESULTS_DIR
-    return Path(root).resolve() / "report" / cfg.experiment
+    return resolve_locations(cfg.storage_uri).local_dir / "report" / cfg.experiment
 
 
 def _sweep(args: argparse.Namespace) -> int:

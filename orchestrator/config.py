@@ -4,8 +4,9 @@ A sweep file is YAML over `SweepConfig`. Sections that configure an lfm_core com
 frozen dataclass (`TrainConfig`; `AutoencoderConfig` plus where to load a pretrained one), so a
 typo or a wrong type is caught by OmegaConf against the same fields lfm_core takes. Loading
 merges, in order: the schema defaults, the file, the file's `profiles.<profile>` block (e.g.
-`profile=paper`) and `key=value` overrides from the command line. Every error is a one-line
-`ConfigError` naming the key and the allowed values.
+`profile=paper`) and `key=value` overrides from the command line (`parse_overrides`, the one
+parser of them; `apply_overrides` applies them to any frozen config dataclass). Every error is a
+one-line `ConfigError` naming the key and the allowed values.
 
 Search space: `search` maps a study name (e.g. "data_reduction") to a grid over `data_fraction`,
 `criterion`, `width`, `t_split` and `seed`; each axis is a list or `{grid_search: [...]}` (a
@@ -18,9 +19,10 @@ import dataclasses
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -34,15 +36,17 @@ from lfm_core.errors import ConfigError, check_choice, check_range
 from lfm_core.solvers import METHODS
 from lfm_core.train import TrainConfig
 from lfm_core.velocity import VELOCITY_SIZES, VelocityConfig, build_velocity
-from orchestrator.storage import check_storage_uri
+from orchestrator.storage import S3_SCHEME, check_storage_uri
 
 EMBEDDED_PROFILE = "embedded"
 STORAGE_ENV = "LFM_STORAGE"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 DEFAULT_RESULTS_DIR = "results"
+SQLITE_PREFIX = "sqlite:///"
 GRID_SEARCH = "grid_search"
 LOCAL_PATH_PREFIXES = ("/", ".", "~")
 AXES = ("data_fraction", "criterion", "width", "t_split", "seed")
+C = TypeVar("C")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -308,28 +312,76 @@ def _schema() -> DictConfig:
     return schema
 
 
-def _allowed_keys(full_key: str) -> list[str]:
-    """Field names of the section holding `full_key` (e.g. "train.stepz" -> TrainConfig's)."""
-    node: Any = _schema()
+def _allowed_keys(full_key: str, root: DictConfig | None = None) -> list[str]:
+    """Field names of the section holding `full_key` (e.g. "train.stepz" -> TrainConfig's) in
+    `root` (None: the sweep file's schema)."""
+    node: Any = _schema() if root is None else root
     parts = full_key.split(".")[:-1]
     for position, part in enumerate(parts):
         if part not in node:
             return []
         node = node[part]
-        if part == "search" and position + 1 < len(parts):
+        if root is None and part == "search" and position + 1 < len(parts):
             node = OmegaConf.structured(GridSection)
             break
     return [str(key) for key in node] if isinstance(node, DictConfig) else []
 
 
-def _one_line(err: OmegaConfBaseException) -> ConfigError:
+def _one_line(err: OmegaConfBaseException, root: DictConfig | None = None) -> ConfigError:
     """An OmegaConf error (several lines) as a one-line ConfigError naming the key."""
     key = getattr(err, "full_key", None) or "config"
     if isinstance(err, ConfigKeyError):
-        allowed = ", ".join(_allowed_keys(key))
+        allowed = ", ".join(_allowed_keys(key, root))
         return ConfigError(f"{key}: unknown key; allowed: {allowed}")
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return ConfigError(f"{key}: {first}")
+
+
+def parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    """The command line's `key=value` overrides as one config layer (the one parser of them).
+
+    Keys are dotted paths ("train.steps"); values are YAML ("500", "[random, loss]", "null").
+
+    Raises:
+        ConfigError: an item without "=", or a value that does not parse. One line.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except (YAMLError, OmegaConfBaseException) as err:
+        raise ConfigError(f"overrides: cannot parse ({' '.join(str(err).split())})") from None
+
+
+def format_override(key: str, value: Any) -> str:
+    """The `key=value` item that `parse_overrides` reads back as `value` (None: null; a list or
+    tuple: [a, b])."""
+
+    def text(v: Any) -> str:
+        return "null" if v is None else str(v)
+
+    if isinstance(value, list | tuple):
+        return f"{key}=[{', '.join(text(v) for v in value)}]"
+    return f"{key}={text(value)}"
+
+
+def apply_overrides(default: C, overrides: Sequence[str]) -> C:
+    """A frozen config dataclass with `key=value` overrides applied, type-checked by OmegaConf
+    against its fields (nested dataclasses by dotted keys, tuples as lists).
+
+    Raises:
+        ConfigError: as `parse_overrides`, or a key or value the dataclass does not take.
+    """
+    root = OmegaConf.structured(default)
+    # Frozen dataclasses come in read-only; merging needs them writable.
+    OmegaConf.set_readonly(root, False)
+    try:
+        merged = OmegaConf.merge(root, parse_overrides(overrides))
+        result = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _one_line(err, root) from None
+    return cast(C, result)
 
 
 def _axis(value: Any) -> Any:
@@ -372,13 +424,7 @@ def _read_layers(path: Path, overrides: list[str]) -> tuple[DictConfig, DictConf
         raise ConfigError(f"sweep file {path} is not valid YAML: {reason}") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"sweep file {path} must hold a mapping of sections")
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value")
-    try:
-        cli = OmegaConf.from_dotlist(list(overrides))
-    except (YAMLError, OmegaConfBaseException) as err:
-        raise ConfigError(f"overrides: cannot parse ({' '.join(str(err).split())})") from None
+    cli = parse_overrides(overrides)
     profiles = loaded.pop("profiles", None) or OmegaConf.create({})
     if not isinstance(profiles, DictConfig):
         raise ConfigError("profiles: must map profile names to config blocks")
@@ -530,22 +576,49 @@ def check_local_paths(cfg: SweepConfig) -> None:
             raise ConfigError(f"{key}: {value!r} does not exist on this machine")
 
 
+@dataclass(frozen=True)
+class Locations:
+    """Where a sweep's files and runs go.
+
+    Attributes:
+        storage: the storage root, an absolute path or s3://bucket/prefix.
+        tracking_uri: the MLflow tracking URI.
+        local_dir: a local folder for what needs one (the default sqlite database, reports):
+            the storage root when it is local, else ./results made absolute.
+    """
+
+    storage: str
+    tracking_uri: str
+    local_dir: Path
+
+
+def resolve_locations(storage: str | None = None, tracking_uri: str | None = None) -> Locations:
+    """The storage and tracking defaults, resolved in this one place.
+
+    Storage: `storage`, else $LFM_STORAGE, else ./results; local paths made absolute, since
+    relative ones would land inside Ray's copy of the working dir under `ray job submit`.
+    Tracking: $MLFLOW_TRACKING_URI, else `tracking_uri`, else sqlite `mlflow.db` in `local_dir`.
+
+    Raises:
+        ConfigError: the storage root is neither a path nor s3://bucket[/prefix].
+    """
+    root = storage or os.environ.get(STORAGE_ENV) or DEFAULT_RESULTS_DIR
+    if not root.startswith(S3_SCHEME):
+        root = str(Path(root).expanduser().resolve())
+    root = check_storage_uri(root)
+    local = Path(DEFAULT_RESULTS_DIR if root.startswith(S3_SCHEME) else root).resolve()
+    uri = os.environ.get(TRACKING_ENV) or tracking_uri or f"{SQLITE_PREFIX}{local}/mlflow.db"
+    return Locations(root, uri, local)
+
+
 def _resolve(cfg: SweepConfig) -> SweepConfig:
     """Fill the defaults that depend on the environment: absolute storage, tracking URI."""
-    storage = cfg.storage or os.environ.get(STORAGE_ENV) or DEFAULT_RESULTS_DIR
-    if not storage.startswith("s3://"):
-        # Relative paths would land inside Ray's copy of the working dir under `ray job submit`.
-        storage = str(Path(storage).expanduser().resolve())
-    storage = check_storage_uri(storage)
-    uri = os.environ.get(TRACKING_ENV) or cfg.tracking.uri
-    if uri is None:
-        local_root = (
-            storage if not storage.startswith("s3://") else str(Path(DEFAULT_RESULTS_DIR).resolve())
-        )
-        uri = f"sqlite:///{local_root}/mlflow.db"
-    artifacts = cfg.tracking.artifact_location or f"{storage}/mlflow"
-    tracking = dataclasses.replace(cfg.tracking, uri=uri, artifact_location=artifacts)
-    return dataclasses.replace(cfg, storage=storage, tracking=tracking)
+    where = resolve_locations(cfg.storage, cfg.tracking.uri)
+    artifacts = cfg.tracking.artifact_location or f"{where.storage}/mlflow"
+    tracking = dataclasses.replace(
+        cfg.tracking, uri=where.tracking_uri, artifact_location=artifacts
+    )
+    return dataclasses.replace(cfg, storage=where.storage, tracking=tracking)
 
 
 def load_sweep(

@@ -33,7 +33,7 @@ from requests.exceptions import RequestException
 
 from lfm_core.coarse_to_fine import PAPER_T_SPLIT
 from lfm_core.errors import ConfigError
-from orchestrator.config import DEFAULT_RESULTS_DIR, STORAGE_ENV, TRACKING_ENV
+from orchestrator.config import SQLITE_PREFIX, resolve_locations
 from orchestrator.report_figures import (
     coarse_to_fine_figure,
     data_reduction_figure,
@@ -43,7 +43,6 @@ from orchestrator.report_figures import (
 )
 from orchestrator.report_tables import (
     CELL_NOTE,
-    CHOSEN_T_SPLIT,
     Studies,
     Table,
     TrialRecord,
@@ -56,7 +55,8 @@ from orchestrator.report_tables import (
     widest_first,
     width_order,
 )
-from orchestrator.tracking import KIND_TAG, PARENT_TAG, SQLITE_PREFIX
+from orchestrator.schema import CHOSEN_T_SPLIT
+from orchestrator.tracking import KIND_TAG, PARENT_TAG
 
 REPORT_FILE = "report.md"
 ARTIFACT_DIR = "report"
@@ -106,16 +106,6 @@ class ReportResult:
     parent_run_id: str | None
     trial_runs: int
     notes: tuple[str, ...]
-
-
-def default_tracking_uri() -> str:
-    """$MLFLOW_TRACKING_URI, else the sweeps' default: sqlite under $LFM_STORAGE or ./results."""
-    uri = os.environ.get(TRACKING_ENV)
-    if uri:
-        return uri
-    storage = os.environ.get(STORAGE_ENV) or DEFAULT_RESULTS_DIR
-    root = DEFAULT_RESULTS_DIR if storage.startswith("s3://") else storage
-    return f"{SQLITE_PREFIX}{Path(root).expanduser().resolve()}/mlflow.db"
 
 
 @contextlib.contextmanager
@@ -235,7 +225,7 @@ def to_records(runs: Sequence[Run]) -> tuple[list[TrialRecord], list[str]]:
 
 
 def _candidates(records: Sequence[TrialRecord], seed: int, order: Any) -> list[TrialRecord]:
-    return sorted((r for r in records if r.finished and r.seed == seed), key=order)
+    return sorted((r for r in records if r.finished and r.trial.seed == seed), key=order)
 
 
 def grid_candidates(studies: Studies) -> tuple[int | None, dict[str, list[TrialRecord]]]:
@@ -248,7 +238,7 @@ def grid_candidates(studies: Studies) -> tuple[int | None, dict[str, list[TrialR
     the reference row (the top half of any of the grids) is the same model.
     """
     groups = (studies.data_reduction, studies.capacity, studies.coarse_to_fine)
-    finished = [r.seed for group in groups for r in group if r.finished]
+    finished = [r.trial.seed for group in groups for r in group if r.finished]
     if not finished:
         return None, {kind: [] for kind in GRID_KINDS}
     seed = min(finished)
@@ -256,26 +246,26 @@ def grid_candidates(studies: Studies) -> tuple[int | None, dict[str, list[TrialR
     small = [r for r in studies.capacity if r.width != widest]
     chosen = [v for r in studies.coarse_to_fine if (v := r.value(CHOSEN_T_SPLIT)) is not None]
     target = statistics.fmean(chosen) if chosen else PAPER_T_SPLIT
-    reduced = [r for r in studies.data_reduction if r.data_fraction < 1.0]
+    reduced = [r for r in studies.data_reduction if r.trial.data_fraction < 1.0]
     return seed, {
         "reduced data": _candidates(
-            reduced, seed, lambda r: (r.data_fraction, r.criterion, r.run_id)
+            reduced, seed, lambda r: (r.trial.data_fraction, r.trial.criterion, r.run_id)
         ),
         "small model": _candidates(small, seed, lambda r: (width_order(r.width), r.run_id)),
         "coarse-to-fine": _candidates(
             studies.coarse_to_fine,
             seed,
-            lambda r: (abs((r.t_split or 0.0) - target), r.t_split, r.name, r.run_id),
+            lambda r: (abs((r.trial.t_split or 0.0) - target), r.trial.t_split, r.name, r.run_id),
         ),
     }
 
 
 def _describe(kind: str, record: TrialRecord) -> str:
     if kind == "reduced data":
-        return f"reduced data: {record.data_fraction:g} {record.criterion}, width {record.width}"
+        return f"reduced data: {record.trial.data_fraction:g} {record.trial.criterion}, width {record.width}"
     if kind == "small model":
         return f"small model: {record.model}, width {record.width}, full data"
-    return f"coarse-to-fine: {record.model} (width {record.width}) -> {record.reference_model}, t_split {record.t_split:g}"
+    return f"coarse-to-fine: {record.model} (width {record.width}) -> {record.reference_model}, t_split {record.trial.t_split:g}"
 
 
 def _download_comparison(client: MlflowClient, record: TrialRecord, folder: Path) -> Path | None:
@@ -316,7 +306,7 @@ def write_same_seed_grid(
                 continue
             top, bottom = split_comparison(read_png(found))
             if reference is None:
-                label = f"reference model ({record.reference_model}, full data), training seed {record.seed}"
+                label = f"reference model ({record.reference_model}, full data), training seed {record.trial.seed}"
                 reference = (label, top)
             rows.append((_describe(kind, record), bottom))
     if reference is None:
@@ -393,6 +383,57 @@ def render_report_md(
     return "\n".join(lines)
 
 
+def _read_records(
+    client: MlflowClient, experiment_id: str, experiment: str, all_parents: bool
+) -> tuple[list[Run], Run | None, list[TrialRecord], list[str]]:
+    """(sweep runs used, the latest sweep run, trial records, notes) of an experiment."""
+    try:
+        runs = _all_runs(client, experiment_id)
+    except (MlflowException, RequestException, OSError) as err:
+        raise ReportError(f"reading the runs of {experiment!r} failed: {_one_line(err)}") from None
+    trials, parents, latest = select_trials(runs, experiment, all_parents)
+    records, notes = to_records(trials)
+    return parents, latest, records, notes
+
+
+def _write_tables(tables: Sequence[Table], out_dir: Path) -> list[Path]:
+    """Each table as Markdown, LaTeX and CSV files in `out_dir`."""
+    files = []
+    for table in tables:
+        for ext, text in zip(
+            TABLE_FORMATS, (to_markdown(table), to_latex(table), to_csv(table)), strict=True
+        ):
+            path = out_dir / f"{table.name}.{ext}"
+            path.write_text(text)
+            files.append(path)
+    return files
+
+
+def _write_figures(
+    client: MlflowClient, studies: Studies, tables: Sequence[Table], out_dir: Path
+) -> tuple[dict[str, list[str] | None], list[str]]:
+    """(figure key -> lines shown under it in report.md, None: not drawn; notes) of the figures."""
+    by_name = {t.name: t for t in tables}
+    figures: dict[str, list[str] | None] = dict.fromkeys(FIGURES)
+    drawers = {"data_reduction": data_reduction_figure, "coarse_to_fine": coarse_to_fine_figure}
+    for key, table_name in (("data_reduction", TABLE_NAMES[0]), ("coarse_to_fine", TABLE_NAMES[2])):
+        if table_name in by_name and drawers[key](by_name[table_name], out_dir / FIGURES[key]):
+            figures[key] = []
+    shown, notes = write_same_seed_grid(client, studies, out_dir / FIGURES["same_seed"])
+    if shown:
+        figures["same_seed"] = [f"Rows: {'; '.join(shown)}."]
+    return figures, notes
+
+
+def _log_files(client: MlflowClient, run_id: str, files: Sequence[Path]) -> None:
+    """Log the report's files to the sweep run under ARTIFACT_DIR."""
+    try:
+        for path in files:
+            client.log_artifact(run_id, str(path), ARTIFACT_DIR)
+    except (MlflowException, RequestException, OSError) as err:
+        raise ReportError(f"could not log the report to run {run_id}: {_one_line(err)}") from None
+
+
 def build_report(
     experiment: str,
     out_dir: Path,
@@ -405,64 +446,35 @@ def build_report(
     Args:
         experiment: MLflow experiment name (one per sweep).
         out_dir: output folder (created; this report's own earlier files are replaced).
-        tracking_uri: None: `default_tracking_uri()`.
+        tracking_uri: None: `orchestrator.config.resolve_locations()`'s.
         log_to_parent: log the files to the latest sweep run under `report/`.
         all_parents: aggregate the trials of every sweep run, not only the latest's.
 
     Raises:
         ReportError: one line (see the module docstring).
     """
-    uri = tracking_uri or default_tracking_uri()
+    uri = tracking_uri or resolve_locations().tracking_uri
     client, experiment_id = open_experiment(experiment, uri)
-    try:
-        runs = _all_runs(client, experiment_id)
-    except (MlflowException, RequestException, OSError) as err:
-        raise ReportError(f"reading the runs of {experiment!r} failed: {_one_line(err)}") from None
-    trials, parents, latest = select_trials(runs, experiment, all_parents)
-    records, notes = to_records(trials)
+    parents, latest, records, notes = _read_records(client, experiment_id, experiment, all_parents)
     studies = classify(records)
     notes += [
         f"run {r.name} in no table: reduced data at width {r.width}, not the main width {studies.main_width}"
         for r in studies.unused
     ]
     tables = build_tables(studies)
-    by_name = {t.name: t for t in tables}
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear_outputs(out_dir)
-    files = []
-    for table in tables:
-        for ext, text in zip(
-            TABLE_FORMATS, (to_markdown(table), to_latex(table), to_csv(table)), strict=True
-        ):
-            path = out_dir / f"{table.name}.{ext}"
-            path.write_text(text)
-            files.append(path)
-    # Figure key -> lines shown under it in report.md (None: not drawn).
-    figures: dict[str, list[str] | None] = dict.fromkeys(FIGURES)
-    drawers = {"data_reduction": data_reduction_figure, "coarse_to_fine": coarse_to_fine_figure}
-    for key, table_name in (("data_reduction", TABLE_NAMES[0]), ("coarse_to_fine", TABLE_NAMES[2])):
-        if table_name in by_name and drawers[key](by_name[table_name], out_dir / FIGURES[key]):
-            figures[key] = []
-    shown, grid_notes = write_same_seed_grid(client, studies, out_dir / FIGURES["same_seed"])
+    files = _write_tables(tables, out_dir)
+    figures, grid_notes = _write_figures(client, studies, tables, out_dir)
     notes += grid_notes
-    if shown:
-        figures["same_seed"] = [f"Rows: {'; '.join(shown)}."]
     files += [out_dir / FIGURES[k] for k, lines in figures.items() if lines is not None]
     report = out_dir / REPORT_FILE
     report.write_text(render_report_md(experiment, parents, records, tables, figures, notes))
     files.append(report)
-
     logged_to = None
     if log_to_parent and latest is not None:
-        try:
-            for path in files:
-                client.log_artifact(latest.info.run_id, str(path), ARTIFACT_DIR)
-        except (MlflowException, RequestException, OSError) as err:
-            raise ReportError(
-                f"could not log the report to run {latest.info.run_id}: {_one_line(err)}"
-            ) from None
+        _log_files(client, latest.info.run_id, files)
         logged_to = latest.info.run_id
     elif log_to_parent:
         notes.append("not logged to MLflow: the experiment has no sweep run")

@@ -17,12 +17,14 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from PIL import Image
 
-from orchestrator.report_tables import CHOSEN_T_SPLIT, FULL_DATA, Row, Table
+from orchestrator import schema
+from orchestrator.report_tables import FULL_DATA, Row, Table
 
 DPI = 120
 PANEL_SIZE = (5.0, 3.8)
 GRID_WIDTH_IN = 10.0
 GRID_LABEL_IN = 0.35
+T_SPLIT_AXIS = "t_split (coarse model for t < t_split)"
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
@@ -56,6 +58,16 @@ def _save(figure: Figure, path: Path) -> None:
     figure.savefig(path, dpi=DPI)
 
 
+def _finish(figure: Figure, table: Table, path: Path, *panels: tuple[Axes, str, str, str]) -> None:
+    """Label each (axes, x label, y label, title) panel, add grid and legend, title and save."""
+    for ax, xlabel, ylabel, title in panels:
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    figure.suptitle(table.title)
+    _save(figure, path)
+
+
 def data_reduction_figure(table: Table, path: Path) -> bool:
     """FID and same-seed similarity against data fraction, one line per criterion.
 
@@ -74,9 +86,9 @@ def data_reduction_figure(table: Table, path: Path) -> bool:
     figure = Figure(figsize=(2 * PANEL_SIZE[0], PANEL_SIZE[1]), layout="constrained")
     fid_ax, sim_ax = figure.subplots(1, 2)
     panels: tuple[tuple[Axes, str, str, dict[str, Any]], ...] = (
-        (fid_ax, "fid", "", {}),
-        (sim_ax, "stability_similarity", ": same seed", {}),
-        (sim_ax, "stability_unrelated", ": unrelated", {"linestyle": "--", "alpha": 0.6}),
+        (fid_ax, schema.FID, "", {}),
+        (sim_ax, schema.STABILITY_SIMILARITY, ": same seed", {}),
+        (sim_ax, schema.STABILITY_UNRELATED, ": unrelated", {"linestyle": "--", "alpha": 0.6}),
     )
     plotted = False
     for i, (criterion, rows) in enumerate(sorted(by_criterion.items())):
@@ -96,19 +108,18 @@ def data_reduction_figure(table: Table, path: Path) -> bool:
         plotted = plotted or bool(xs)
     if not plotted:
         return False
-    fid_ax.set(
-        xlabel="data fraction kept", ylabel="FID (lower is better)", title="FID vs data fraction"
+    _finish(
+        figure,
+        table,
+        path,
+        (fid_ax, "data fraction kept", "FID (lower is better)", "FID vs data fraction"),
+        (
+            sim_ax,
+            "data fraction kept",
+            "cosine similarity to reference",
+            "Same-seed similarity vs data fraction",
+        ),
     )
-    sim_ax.set(
-        xlabel="data fraction kept",
-        ylabel="cosine similarity to reference",
-        title="Same-seed similarity vs data fraction",
-    )
-    for ax in (fid_ax, sim_ax):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    figure.suptitle(table.title)
-    _save(figure, path)
     return True
 
 
@@ -132,38 +143,35 @@ def coarse_to_fine_figure(table: Table, path: Path) -> bool:
         name = f"{pair[0]} [{pair[1]}] → {pair[2]}"
         color, marker = f"C{i}", MARKERS[i % len(MARKERS)]
         for ax, key, style in (
-            (fid_ax, "fid", {"label": name}),
-            (speed_ax, "speedup", {"label": f"{name}: measured"}),
-            (speed_ax, "flop_speedup", {"label": f"{name}: FLOP bound", "linestyle": "--"}),
+            (fid_ax, schema.FID, {"label": name}),
+            (speed_ax, schema.SPEEDUP, {"label": f"{name}: measured"}),
+            (speed_ax, schema.FLOP_SPEEDUP, {"label": f"{name}: FLOP bound", "linestyle": "--"}),
         ):
             xs, ys, errs = _points(table, rows, key, -1)
             _plot(ax, xs, ys, errs, marker=marker, color=color, **style)
             plotted = plotted or bool(xs)
-        fine = _mean_over_rows(table, rows, "fid_reference")
+        fine = _mean_over_rows(table, rows, schema.FID_REFERENCE)
         if fine is not None:
             fid_ax.axhline(fine, color=color, linestyle=":", label=f"{pair[2]} alone (fine only)")
-        chosen = _mean_over_rows(table, rows, CHOSEN_T_SPLIT)
+        chosen = _mean_over_rows(table, rows, schema.CHOSEN_T_SPLIT)
         if chosen is not None:
             for ax in (fid_ax, speed_ax):
                 ax.axvline(chosen, color=color, alpha=0.4, label=f"chosen t_split {chosen:.2f}")
     if not plotted:
         return False
-    fid_ax.set(
-        xlabel="t_split (coarse model for t < t_split)",
-        ylabel="FID (lower is better)",
-        title="FID vs t_split",
-    )
     speed_ax.axhline(1.0, color="grey", linewidth=0.8)
-    speed_ax.set(
-        xlabel="t_split (coarse model for t < t_split)",
-        ylabel="speedup over fine model alone (x)",
-        title="Sampling speedup vs t_split",
+    _finish(
+        figure,
+        table,
+        path,
+        (fid_ax, T_SPLIT_AXIS, "FID (lower is better)", "FID vs t_split"),
+        (
+            speed_ax,
+            T_SPLIT_AXIS,
+            "speedup over fine model alone (x)",
+            "Sampling speedup vs t_split",
+        ),
     )
-    for ax in (fid_ax, speed_ax):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    figure.suptitle(table.title)
-    _save(figure, path)
     return True
 
 

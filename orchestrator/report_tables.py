@@ -1,6 +1,6 @@
 """The paper's tables from trial runs: grouping, aggregation over seeds, Markdown / LaTeX / CSV.
 
-Plain Python over `TrialRecord`s (no MLflow here), so the arithmetic is testable on its own.
+Plain Python over `TrialRecord`s (no MLflow here; names from `orchestrator.schema`), so the arithmetic is testable on its own.
 
 Which runs go where is decided by their params, not their study's name, because a point listed
 by two studies is tracked once (under the first):
@@ -30,14 +30,18 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator import schema
+
+# Also read from here by code not yet moved to orchestrator.schema.
+from orchestrator.schema import CHOSEN_T_SPLIT
+from orchestrator.trials import Trial
+
 FINISHED = "FINISHED"
 FAILED = "failed"
 MISSING = "missing"
 OK = "ok"
 FULL_DATA = "full data"
 CONDITIONAL_STUDY = "conditional"
-# Metric a sweep logs when it picks t_split itself (lfm_core.coarse_to_fine.choose_t_split).
-CHOSEN_T_SPLIT = "t_split_chosen"
 PLUS_MINUS = {"markdown": " ± ", "latex": r" $\pm$ "}
 LATEX_SPECIALS = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#"}
 LATEX_SPECIALS.update({"$": r"\$", "{": r"\{", "}": r"\}"})
@@ -45,28 +49,21 @@ LATEX_SPECIALS.update({"$": r"\$", "{": r"\{", "}": r"\}"})
 
 @dataclass(frozen=True)
 class TrialRecord:
-    """One trial run, its params parsed.
+    """One trial run: the Trial its params describe, with the run's status and metrics.
 
     Attributes:
         run_id, name, status: the MLflow run's (status e.g. "FINISHED", "FAILED", "KILLED").
-        data_fraction, criterion, width, t_split, seed: the trial's point (width as logged,
-            e.g. "8" or "base"; t_split None: no coarse-to-fine).
-        model, reference_model: velocity model names (coarse and fine of a coarse-to-fine trial).
-        conditional: class-conditional training.
+        trial: rebuilt from the run's params by `orchestrator.schema.trial_from_params` (its
+            width is the resolved one the run logged; None: the size's base width).
+        params: all of the run's params (the sweep's settings: model, reference model, ...).
         metrics: name -> last logged value.
     """
 
     run_id: str
     name: str
     status: str
-    data_fraction: float
-    criterion: str
-    width: str
-    t_split: float | None
-    seed: int
-    model: str
-    reference_model: str
-    conditional: bool
+    trial: Trial
+    params: Mapping[str, str] = field(default_factory=dict)
     metrics: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -78,30 +75,34 @@ class TrialRecord:
         params: Mapping[str, str],
         metrics: Mapping[str, float],
     ) -> TrialRecord:
-        """Parse a run's string params (as `orchestrator.tracking.trial_params` logs them).
+        """A run's record (params as `orchestrator.tracking.child_params` logs them).
 
         Raises:
-            ValueError: a needed param is absent or does not parse (a run of no trial).
+            ValueError: a trial param is absent or does not parse (a run of no trial).
         """
-        try:
-            t_split = params.get("t_split")
-            return cls(
-                run_id=run_id,
-                name=name,
-                status=status,
-                data_fraction=float(params["data_fraction"]),
-                criterion=params.get("criterion", ""),
-                width=params.get("width", ""),
-                t_split=None if t_split in (None, "None", "") else float(t_split),
-                seed=int(params["seed"]),
-                model=params.get("model", ""),
-                reference_model=params.get("reference_model", ""),
-                conditional=params.get("conditional", "").lower() == "true"
-                or params.get("study") == CONDITIONAL_STUDY,
-                metrics=dict(metrics),
-            )
-        except KeyError as err:
-            raise ValueError(f"param {err.args[0]} is missing") from None
+        trial = schema.trial_from_params(params)
+        return cls(run_id, name, status, trial, dict(params), dict(metrics))
+
+    @property
+    def width(self) -> str:
+        """The trial's width as logged ("8", or "base" for the size's base width)."""
+        return schema.width_text(self.trial.width)
+
+    @property
+    def model(self) -> str:
+        """The (coarse) velocity model's size name."""
+        return self.params.get(schema.MODEL, "")
+
+    @property
+    def reference_model(self) -> str:
+        """The reference (fine) model's size name."""
+        return self.params.get(schema.REFERENCE_MODEL, "")
+
+    @property
+    def conditional(self) -> bool:
+        """Class-conditional: the run's `conditional` param, or a trial of the conditional study."""
+        logged = self.params.get(schema.CONDITIONAL, "").lower() == "true"
+        return logged or self.trial.study == CONDITIONAL_STUDY
 
     @property
     def finished(self) -> bool:
@@ -225,7 +226,7 @@ def data_label(fraction: float, criterion: str) -> str:
 
 def _main_width(plain: Sequence[TrialRecord]) -> str | None:
     """The width of the reduced-data trials (most frequent; ties: the widest)."""
-    reduced = [r.width for r in plain if r.data_fraction < 1.0] or [r.width for r in plain]
+    reduced = [r.width for r in plain if r.trial.data_fraction < 1.0] or [r.width for r in plain]
     if not reduced:
         return None
     counts = Counter(reduced)
@@ -235,13 +236,13 @@ def _main_width(plain: Sequence[TrialRecord]) -> str | None:
 def classify(records: Iterable[TrialRecord]) -> Studies:
     """Split trial records by table (see the module docstring)."""
     records = sorted(records, key=lambda r: (r.name, r.run_id))
-    c2f = tuple(r for r in records if r.t_split is not None)
-    conditional = tuple(r for r in records if r.t_split is None and r.conditional)
-    plain = [r for r in records if r.t_split is None and not r.conditional]
+    c2f = tuple(r for r in records if r.trial.t_split is not None)
+    conditional = tuple(r for r in records if r.trial.t_split is None and r.conditional)
+    plain = [r for r in records if r.trial.t_split is None and not r.conditional]
     main = _main_width(plain)
     reduction = tuple(r for r in plain if r.width == main)
-    capacity = tuple(r for r in plain if r.data_fraction == 1.0)
-    unused = tuple(r for r in plain if r.width != main and r.data_fraction != 1.0)
+    capacity = tuple(r for r in plain if r.trial.data_fraction == 1.0)
+    unused = tuple(r for r in plain if r.width != main and r.trial.data_fraction != 1.0)
     return Studies(reduction, capacity, c2f, conditional, unused, main)
 
 
@@ -251,7 +252,7 @@ def aggregate(
     """(seeds, failed seeds, cells) of one row's runs (see the module docstring)."""
     by_seed: dict[int, list[TrialRecord]] = defaultdict(list)
     for run in runs:
-        by_seed[run.seed].append(run)
+        by_seed[run.trial.seed].append(run)
     done = {s: [r for r in rs if r.finished] for s, rs in sorted(by_seed.items())}
     done = {s: rs for s, rs in done.items() if rs}
     cells = []
@@ -291,7 +292,10 @@ def _table(
 
 
 def _fraction_key(record: TrialRecord) -> tuple[float, str]:
-    return (record.data_fraction, data_label(record.data_fraction, record.criterion))
+    return (
+        record.trial.data_fraction,
+        data_label(record.trial.data_fraction, record.trial.criterion),
+    )
 
 
 def _fraction_labels(key: tuple[Any, ...]) -> tuple[str, ...]:
@@ -303,11 +307,11 @@ def _fraction_sort(key: tuple[Any, ...]) -> tuple[float, str]:
     return (-key[0], key[1])
 
 
-SIMILARITY = Column("stability_similarity", "similarity", ".3f")
-UNRELATED = Column("stability_unrelated", "unrelated", ".3f")
-FID = Column("fid", "FID", ".2f")
-TRAIN_TIME = Column("train_time_s", "train time (s)", ".1f")
-SPEEDUP = Column("speedup", "speedup", ".2f")
+SIMILARITY = Column(schema.STABILITY_SIMILARITY, "similarity", ".3f")
+UNRELATED = Column(schema.STABILITY_UNRELATED, "unrelated", ".3f")
+FID = Column(schema.FID, "FID", ".2f")
+TRAIN_TIME = Column(schema.TRAIN_TIME_S, "train time (s)", ".1f")
+SPEEDUP = Column(schema.SPEEDUP, "speedup", ".2f")
 CELL_NOTE = (
     "Cells: mean ± sample std over seeds (`seeds` counts them); (n=k): only k seeds have the "
     "value; failed: no run of the row finished; missing: finished runs did not log it."
@@ -318,8 +322,8 @@ def data_reduction_table(records: Sequence[TrialRecord], width: str | None) -> T
     """Table 1: FID, precision / recall and same-seed similarity per data fraction x criterion."""
     columns = (
         FID,
-        Column("precision", "precision", ".3f"),
-        Column("recall", "recall", ".3f"),
+        Column(schema.PRECISION, "precision", ".3f"),
+        Column(schema.RECALL, "recall", ".3f"),
         SIMILARITY,
         UNRELATED,
         TRAIN_TIME,
@@ -364,14 +368,14 @@ def capacity_table(records: Sequence[TrialRecord]) -> Table:
 
 
 def _coarse_key(record: TrialRecord) -> tuple[Any, ...]:
-    data = data_label(record.data_fraction, record.criterion)
+    data = data_label(record.trial.data_fraction, record.trial.criterion)
     return (
         record.model,
         record.width,
-        record.data_fraction,
+        record.trial.data_fraction,
         data,
         record.reference_model,
-        record.t_split,
+        record.trial.t_split,
     )
 
 
@@ -379,10 +383,10 @@ def coarse_to_fine_table(records: Sequence[TrialRecord]) -> Table:
     """Table 3: FID, measured and FLOP-bound speedup per t_split and model pair."""
     columns = (
         FID,
-        Column("fid_model", "FID coarse alone", ".2f"),
-        Column("fid_reference", "FID fine alone", ".2f"),
+        Column(schema.FID_MODEL, "FID coarse alone", ".2f"),
+        Column(schema.FID_REFERENCE, "FID fine alone", ".2f"),
         SPEEDUP,
-        Column("flop_speedup", "FLOP bound", ".2f"),
+        Column(schema.FLOP_SPEEDUP, "FLOP bound", ".2f"),
         Column(CHOSEN_T_SPLIT, "chosen t_split", ".2f"),
     )
     caption = (
@@ -419,7 +423,7 @@ def conditional_table(records: Sequence[TrialRecord]) -> Table:
         "Table 4: conditional",
         caption,
         ("fraction", "criterion"),
-        (FID, Column("labels_used", "labels used", ".0f")),
+        (FID, Column(schema.LABELS_USED, "labels used", ".0f")),
         records,
         _fraction_key,
         _fraction_labels,

@@ -1,13 +1,13 @@
 """MLflow tracking: one experiment per sweep, a parent run per invocation, a child run per trial.
 
-Keys are the same in every run so MLflow's Compare view lines them up:
-params `study`, `data_fraction`, `criterion`, `width`, `seed`, `dataset`, `model`,
-`reference_model`, `train_steps`, `conditional` (and `t_split` on coarse-to-fine trials);
-metrics are the `metrics` stage's (`fid`, `stability_similarity`, `stability_unrelated`,
-`speedup`, `train_time_s`, `sample_time_s`, ...; coarse-to-fine trials add `t_split_chosen`). Artefacts: the resolved config (`config.json`), a sample
-grid (`samples.png`) and a same-seed comparison grid (`comparison.png`: reference model on top,
-this trial below). A trial re-run (e.g. `lfm sweep --resume`) reuses its child run, found by
-the `lfm.trial` tag under the same parent, so there is one child per trial.
+Param and metric names are `orchestrator.schema`'s, the same in every run so MLflow's Compare
+view lines them up: a child's params are its trial's (`schema.trial_params`, with the width
+resolved) and the sweep's `schema.SWEEP_PARAMS`; its metrics are `schema.METRIC_KEYS` (and
+`schema.CHOSEN_T_SPLIT` on coarse-to-fine trials). Artefacts: the resolved config
+(`config.json`), a sample grid (`samples.png`) and a same-seed comparison grid
+(`comparison.png`: reference model on top, this trial below). A trial re-run (e.g.
+`lfm sweep --resume`) reuses its child run, found by the `lfm.trial` tag under the same parent,
+so there is one child per trial.
 
 Everything goes through an explicit `MlflowClient(uri)`, never the global active run, so trial
 drivers in different processes cannot mix runs up.
@@ -15,6 +15,7 @@ drivers in different processes cannot mix runs up.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 from pathlib import Path
@@ -25,7 +26,8 @@ from mlflow.entities import Metric, Param, RunStatus
 from torch import Tensor
 
 from lfm_core.images import save_comparison, save_grid
-from orchestrator.config import SweepConfig
+from orchestrator import schema
+from orchestrator.config import SQLITE_PREFIX, SweepConfig
 from orchestrator.trials import Trial
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -33,7 +35,6 @@ TRIAL_TAG = "lfm.trial"
 SWEEP_TAG = "lfm.sweep"
 KIND_TAG = "lfm.kind"
 COMPARISON_COLUMNS = 16
-SQLITE_PREFIX = "sqlite:///"
 
 
 def client_for(cfg: SweepConfig) -> MlflowClient:
@@ -83,24 +84,19 @@ def reopen(cfg: SweepConfig, parent_id: str) -> None:
     client_for(cfg).update_run(parent_id, status=RunStatus.to_string(RunStatus.RUNNING))
 
 
-def trial_params(cfg: SweepConfig, trial: Trial) -> dict[str, str]:
-    """The child run's params (identical keys in every run; t_split only where it applies)."""
+def child_params(cfg: SweepConfig, trial: Trial) -> dict[str, str]:
+    """The child run's params: the trial's, its width resolved (None: `model.width`), then the
+    sweep's (identical keys in every run; t_split only where it applies)."""
     width = trial.width if trial.width is not None else cfg.model.width
-    params: dict[str, Any] = {
-        "study": trial.study,
-        "data_fraction": trial.data_fraction,
-        "criterion": trial.criterion,
-        "width": "base" if width is None else width,
-        "seed": trial.seed,
-        "dataset": cfg.data.name,
-        "model": cfg.model.name,
-        "reference_model": cfg.reference.name,
-        "train_steps": cfg.train.steps,
-        "conditional": cfg.data.conditional,
+    sweep: dict[str, Any] = {
+        schema.DATASET: cfg.data.name,
+        schema.MODEL: cfg.model.name,
+        schema.REFERENCE_MODEL: cfg.reference.name,
+        schema.TRAIN_STEPS: cfg.train.steps,
+        schema.CONDITIONAL: cfg.data.conditional,
     }
-    if trial.t_split is not None:
-        params["t_split"] = trial.t_split
-    return {key: str(value) for key, value in params.items()}
+    params = schema.trial_params(dataclasses.replace(trial, width=width))
+    return {**params, **{key: str(value) for key, value in sweep.items()}}
 
 
 def child_run(cfg: SweepConfig, experiment_id: str, parent_id: str, trial: Trial) -> str:
@@ -117,7 +113,7 @@ def child_run(cfg: SweepConfig, experiment_id: str, parent_id: str, trial: Trial
     tags = {PARENT_TAG: parent_id, TRIAL_TAG: trial.name, SWEEP_TAG: cfg.name, KIND_TAG: "trial"}
     run = client.create_run(experiment_id, run_name=trial.name, tags=tags)
     client.log_batch(
-        run.info.run_id, params=[Param(k, v) for k, v in trial_params(cfg, trial).items()]
+        run.info.run_id, params=[Param(k, v) for k, v in child_params(cfg, trial).items()]
     )
     return run.info.run_id
 
