@@ -1,13 +1,14 @@
 """Coarse-to-fine sampling: measured speedup next to its FLOP-count bound, and the FID of each.
 
-For each (coarse, fine) pair of velocity widths, both trained on the embedded mnist5k latents,
-the same noise seeds are sampled by the large (fine) model alone, by coarse-to-fine at every
+For each (coarse, fine) pair of velocity widths, both trained on the embedded mnist5k latents
+(fm_model stages of the benchmarks' stage graph, see benchmarks.common), the same noise seeds are sampled by the large (fine) model alone, by coarse-to-fine at every
 t_split, and by the small (coarse) model alone. Sampling is interleaved: the seeds are cut into
-rounds of `round_size`; in each round every sampler integrates the same noise, in an order
+rounds of `sampling.batch_size`; in each round every sampler integrates the same noise, in an order
 rotated from round to round, so load drift hits all samplers alike. Each round is one timing
 repeat: the speedup is the median over rounds of (large-alone time / coarse-to-fine time). All
-the samples of a sampler make its FID (decoded, classifier features, against the held-out
-split), per seed set of `samples_per_set` seeds, so the spread between sets shows FID noise.
+the samples of a sampler make its FID (decoded, FID-extractor features, against the held-out
+split's features), per seed set (`sampling.num_samples` / `seed_sets` seeds), so the spread
+between sets shows FID noise. The samples are the timed ones, so they are not a cached stage.
 
 The FLOP bound is lfm_core.flops.flop_speedup_bound of forward_flops. The profile
 splits the gap to it in two: the forward-time bound (the same formula with each model's
@@ -15,14 +16,14 @@ measured forward time in place of its FLOPs; below the FLOP bound when the small
 fewer FLOP/s) and solver/dispatch overhead (measured time beyond the forwards' time).
 
     python -m benchmarks.coarse_to_fine [--tiny] [--pairs 64:256 96:256] [--t-splits 0.7 0.8]
+        [--train-steps 800] [--sampling-steps 60] [--stages-overrides key=value ...]
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,21 +32,24 @@ from tqdm.auto import tqdm
 
 from benchmarks.common import (
     RESULTS_DIR,
+    TINY_STAGES,
+    Clock,
+    Embedded,
+    Stages,
     benchmark_main,
     goal,
-    load_average,
-    machine,
     median,
+    record_result,
     usable_cores,
-    write_json,
 )
-from benchmarks.embedded import TINY_DATA, DataConfig, EmbeddedData, load_embedded, train_cached
 from lfm_core.coarse_to_fine import sample_coarse_to_fine
 from lfm_core.errors import ConfigError, check_choice, check_range
 from lfm_core.flops import flop_speedup_bound, forward_flops
-from lfm_core.solvers import METHODS, seeded_noise
+from lfm_core.solvers import seeded_noise
 from lfm_core.train import TrainConfig
 from lfm_core.velocity import VELOCITY_SIZES, VelocityModel, count_parameters
+from orchestrator.cache import StageRef
+from orchestrator.config import SamplingSection
 
 NAME = "coarse_to_fine"
 DEVICES = ("cpu", "cuda")
@@ -56,92 +60,89 @@ MS_PER_S = 1e3
 GIGA = 1e9
 
 
+# Fine models: 800 steps; the coarse ones train longer (`coarse_steps`).
+TRAIN = TrainConfig(steps=800, batch_size=128, lr=1e-3, ema_decay=0.995)
+SAMPLING = SamplingSection(steps=60, solver="euler", num_samples=2000, batch_size=500)
+
+
 @dataclass(frozen=True)
 class C2FConfig:
     """What the coarse-to-fine benchmark trains, samples and measures.
 
     Attributes:
         out: results folder (`coarse_to_fine.json` goes there).
-        data: the embedded data and its cache.
+        stages: the embedded data, autoencoder and extractors (benchmarks.common.Stages).
         model: the velocity family (a VELOCITY_SIZES name); pairs differ in width.
-        pairs: "coarse:fine" widths, e.g. "64:256"; each unique width is trained once.
-        train_steps, batch_size, lr, ema_decay, checkpoint_every: training of every model.
-        coarse_train_steps: training steps of the coarse models (None: train_steps). A small
+        pairs: "coarse:fine" widths, e.g. "64:256"; each unique (width, steps) is trained once.
+        train: training of every model (lfm_core's TrainConfig; its steps are the fine models').
+        coarse_steps: training steps of the coarse models (None: train.steps). A small
             model is cheap to train longer: 3,200 steps of width 64 take less wall-clock time
             than 800 of width 256, and 800 left it far worse than the fine model (FID 364 vs
             176), which made every t_split miss the FID goal.
+        snapshot_every: every model keeps EMA snapshots this often, so the coarse model is the
+            same stage as benchmarks.data_reduction's full-data model (None: none).
         t_splits: switch times tried with each pair.
-        steps, solver: the ODE grid (the paper: 60 Euler steps).
-        samples_per_set, seed_sets: FID is measured per set of seeds; seeds_sets sets in all.
-        round_size: samples per timing round (divides samples_per_set).
-        first_seed: noise seed of the first sample.
+        sampling: the ODE (steps, solver; the paper: 60 Euler steps), the seeds (num_samples
+            from first_seed) and the timing round (batch_size samples, dividing each set).
+        seed_sets: FID is measured per set of num_samples / seed_sets seeds.
         threads: torch threads for training and sampling.
-        seed: training seed (initial weights and batches).
         fid_tolerance: coarse-to-fine FID may exceed the large model's by this fraction.
         min_speedup, min_bound_ratio: the goals.
         profile_repeats: timed forward passes per model in the profile (median kept).
         device: "cpu" or "cuda" (training, sampling, decoding; on CUDA float32 matmuls use
             TF32 and every timing is bracketed by a device synchronisation).
-        mixed_precision: training precision ("no", "fp16", "bf16"; GPU only).
         progress: show progress bars.
     """
 
     out: str = str(RESULTS_DIR)
-    data: DataConfig = field(default_factory=DataConfig)
+    stages: Stages = field(default_factory=Stages)
     model: str = "dit-xs"
     pairs: tuple[str, ...] = ("64:256",)
-    train_steps: int = 800
-    coarse_train_steps: int | None = 3200
-    batch_size: int = 128
-    lr: float = 1e-3
-    ema_decay: float = 0.995
-    checkpoint_every: int = 200
+    train: TrainConfig = TRAIN
+    coarse_steps: int | None = 3200
+    snapshot_every: int | None = 200
     t_splits: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9)
-    steps: int = 60
-    solver: str = "euler"
-    samples_per_set: int = 1000
+    sampling: SamplingSection = SAMPLING
     seed_sets: int = 2
-    round_size: int = 500
-    first_seed: int = 0
     threads: int = field(default_factory=usable_cores)
-    seed: int = 0
     fid_tolerance: float = 0.05
     min_speedup: float = 2.5
     min_bound_ratio: float = 0.9
     profile_repeats: int = 5
     device: str = "cpu"
-    mixed_precision: str = "no"
     progress: bool = True
 
     def __post_init__(self) -> None:
         check_choice("model", self.model, VELOCITY_SIZES)
-        check_choice("solver", self.solver, METHODS)
         check_choice("device", self.device, DEVICES)
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device: 'cuda' asked for but torch sees no CUDA device; use cpu")
         if not self.pairs or not self.t_splits:
             raise ConfigError("pairs, t_splits: each needs at least one value")
         self.width_pairs()
-        if self.coarse_train_steps is not None:
-            check_range("coarse_train_steps", self.coarse_train_steps, 1, math.inf)
+        for key in ("coarse_steps", "snapshot_every"):
+            if getattr(self, key) is not None:
+                check_range(key, getattr(self, key), 1, math.inf)
         for t_split in self.t_splits:
             check_range("t_splits", t_split, 0.0, 1.0, low_open=True, high_open=True)
-        for key in (
-            "train_steps",
-            "batch_size",
-            "steps",
-            "samples_per_set",
-            "round_size",
-            "threads",
-        ):
+        for key in ("seed_sets", "threads", "profile_repeats"):
             check_range(key, getattr(self, key), 1, math.inf)
-        check_range("seed_sets", self.seed_sets, 1, math.inf)
-        if self.samples_per_set % self.round_size:
+        if self.samples_per_set * self.seed_sets != self.sampling.num_samples:
             raise ConfigError(
-                f"round_size: {self.round_size} must divide samples_per_set={self.samples_per_set}"
+                f"seed_sets: {self.seed_sets} must divide sampling.num_samples="
+                f"{self.sampling.num_samples}"
+            )
+        if self.samples_per_set % self.sampling.batch_size:
+            raise ConfigError(
+                f"sampling.batch_size: {self.sampling.batch_size} (the timing round) must divide "
+                f"each seed set of {self.samples_per_set}"
             )
         if self.samples_per_set < 2:
-            raise ConfigError(f"samples_per_set: {self.samples_per_set} must be >= 2 for FID")
+            raise ConfigError(f"sampling.num_samples: {self.samples_per_set} per set, need >= 2")
+
+    @property
+    def samples_per_set(self) -> int:
+        return self.sampling.num_samples // self.seed_sets
 
     def width_pairs(self) -> list[tuple[int, int]]:
         """The pairs as (coarse width, fine width)."""
@@ -153,36 +154,37 @@ class C2FConfig:
             pairs.append((int(parts[0]), int(parts[1])))
         return pairs
 
-    def train_config(self, coarse: bool = False) -> TrainConfig:
-        """How a fine (or, with coarse=True, a coarse) model is trained."""
-        steps = self.coarse_train_steps if coarse and self.coarse_train_steps else self.train_steps
-        return TrainConfig(
-            steps=steps,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            ema_decay=self.ema_decay,
-            checkpoint_every=self.checkpoint_every,
-            seed=self.seed,
-            mixed_precision=self.mixed_precision,
-        )
-
 
 TINY = C2FConfig(
-    data=TINY_DATA,
-    pairs=("16:32",),
-    train_steps=4,
-    coarse_train_steps=6,
-    batch_size=16,
-    checkpoint_every=2,
+    stages=TINY_STAGES,
+    # Identical coarse and fine models (one stage): every bound and FID ratio is exactly 1.
+    pairs=("16:16", "16:32"),
+    train=TrainConfig(steps=6, batch_size=16, warmup_steps=1, log_every=2),
+    coarse_steps=None,
+    snapshot_every=2,
     t_splits=(0.5, 0.8),
-    steps=4,
-    samples_per_set=16,
-    round_size=8,
+    sampling=SamplingSection(steps=4, num_samples=32, batch_size=8),
     profile_repeats=1,
     # One thread: tiny tensors gain nothing from two, and lose much on a busy machine.
     threads=1,
     progress=False,
 )
+
+
+def model_refs(embedded: Embedded, cfg: C2FConfig) -> dict[tuple[int, str], StageRef]:
+    """(width, "coarse" / "fine") -> its fm_model stage, trained on all the data."""
+    full = embedded.full_subset()
+    return {
+        (width, role): embedded.model_ref(
+            full,
+            cfg.model,
+            width,
+            cfg.coarse_steps if role == "coarse" else None,
+            snapshot_every=cfg.snapshot_every,
+        )
+        for pair in cfg.width_pairs()
+        for width, role in zip(pair, COARSE_FINE, strict=True)
+    }
 
 
 def _samplers(t_splits: tuple[float, ...]) -> dict[str, float]:
@@ -208,7 +210,8 @@ def _sample_interleaved(
     shape = (coarse.config.in_channels, coarse.config.sample_size, coarse.config.sample_size)
     device = next(fine.parameters()).device
     out = _Sampled({n: [] for n in samplers}, {n: [] for n in samplers}, {})
-    rounds = [seeds[i : i + cfg.round_size] for i in range(0, len(seeds), cfg.round_size)]
+    size = cfg.sampling.batch_size
+    rounds = [seeds[i : i + size] for i in range(0, len(seeds), size)]
     names = list(samplers)
     # One untimed pass of each model first: the first call of a model pays for allocations.
     with torch.no_grad():
@@ -224,7 +227,12 @@ def _sample_interleaved(
             _synchronize(device)
             started = time.perf_counter()
             result = sample_coarse_to_fine(
-                coarse, fine, noise, samplers[name], steps=cfg.steps, method=cfg.solver
+                coarse,
+                fine,
+                noise,
+                samplers[name],
+                steps=cfg.sampling.steps,
+                method=cfg.sampling.solver,
             )
             _synchronize(device)
             out.seconds[name].append(time.perf_counter() - started)
@@ -298,15 +306,57 @@ def _model_facts(model: VelocityModel, flops: int, x: Tensor, cfg: C2FConfig) ->
     }
 
 
-def _fids(data: EmbeddedData, latents: list[Tensor], cfg: C2FConfig) -> list[float]:
+def _fids(embedded: Embedded, latents: list[Tensor], cfg: C2FConfig) -> list[float]:
     """FID of each seed set (rounds are consecutive seeds, so sets are consecutive rows)."""
-    rows = torch.cat(latents)
-    sets = rows.split(cfg.samples_per_set)
-    return [data.fid(part) for part in sets]
+    return [embedded.fid(part) for part in torch.cat(latents).split(cfg.samples_per_set)]
+
+
+def _row(
+    name: str,
+    t_split: float,
+    sampled: _Sampled,
+    fid_sets: dict[str, list[float]],
+    flops: dict[str, int],
+    forward_s: dict[str, float],
+    cfg: C2FConfig,
+) -> dict[str, Any]:
+    """One sampler's row: its speedup per round against the large model, the FLOP and
+    forward-time bounds of its function evaluations, its FID per seed set and their ratios."""
+    nfe_coarse, nfe_fine = sampled.nfe[name]
+    times, large_times = sampled.seconds[name], sampled.seconds[LARGE]
+    ratios = [big / mine for big, mine in zip(large_times, times, strict=True)]
+    flop_bound = flop_speedup_bound(flops["coarse"], flops["fine"], nfe_coarse, nfe_fine)
+    # The same formula with measured forward seconds: what the forwards alone would allow.
+    forward_bound = flop_speedup_bound(forward_s["coarse"], forward_s["fine"], nfe_coarse, nfe_fine)  # type: ignore[arg-type]
+    forwards = nfe_coarse * forward_s["coarse"] + nfe_fine * forward_s["fine"]
+    speedup = median(ratios)
+    fid_ratio_sets = [a / b for a, b in zip(fid_sets[name], fid_sets[LARGE], strict=True)]
+    row = {
+        "t_split": t_split,
+        "nfe_coarse": nfe_coarse,
+        "nfe_fine": nfe_fine,
+        "seconds_rounds": times,
+        "seconds_median": median(times),
+        "samples_per_s": cfg.sampling.batch_size / median(times),
+        "speedup_rounds": ratios,
+        "speedup": speedup,
+        "speedup_of_medians": median(large_times) / median(times),
+        "flop_bound": flop_bound,
+        "bound_ratio": speedup / flop_bound,
+        "forward_bound": forward_bound,
+        "forward_efficiency": forward_bound / flop_bound,
+        "overhead_share": 1.0 - forwards / median(times),
+        "fid_sets": fid_sets[name],
+        "fid": sum(fid_sets[name]) / len(fid_sets[name]),
+        "fid_ratio_sets": fid_ratio_sets,
+        "fid_ratio": sum(fid_ratio_sets) / len(fid_ratio_sets),
+    }
+    row["goals"] = _goals(row, cfg)
+    return row
 
 
 def _pair(
-    data: EmbeddedData,
+    embedded: Embedded,
     coarse: VelocityModel,
     fine: VelocityModel,
     flops: dict[str, int],
@@ -316,65 +366,32 @@ def _pair(
     """Sample, time, score and profile one (coarse, fine) pair; flops: per sample, per model."""
     samplers = _samplers(cfg.t_splits)
     sampled = _sample_interleaved(coarse, fine, samplers, seeds, cfg)
-    probe = seeded_noise(seeds[: cfg.round_size], data.latent_shape, device=cfg.device)
+    probe = seeded_noise(seeds[: cfg.sampling.batch_size], embedded.latent_shape, device=cfg.device)
     facts = {
         "coarse": _model_facts(coarse, flops["coarse"], probe, cfg),
         "fine": _model_facts(fine, flops["fine"], probe, cfg),
     }
     forward_s = {k: v["forward_ms"] / MS_PER_S for k, v in facts.items()}
-    large_times = sampled.seconds[LARGE]
     fid_sets = {
-        name: _fids(data, sampled.latents[name], cfg)
+        name: _fids(embedded, sampled.latents[name], cfg)
         for name in tqdm(samplers, desc="c2f FID", disable=not cfg.progress)
     }
-    rows: dict[str, dict[str, Any]] = {}
-    for name, t_split in samplers.items():
-        nfe_coarse, nfe_fine = sampled.nfe[name]
-        times = sampled.seconds[name]
-        ratios = [big / mine for big, mine in zip(large_times, times, strict=True)]
-        flop_bound = flop_speedup_bound(flops["coarse"], flops["fine"], nfe_coarse, nfe_fine)
-        # The same formula with measured forward seconds: what the forwards alone would allow.
-        forward_bound = flop_speedup_bound(
-            forward_s["coarse"], forward_s["fine"], nfe_coarse, nfe_fine
-        )  # type: ignore[arg-type]
-        forwards = nfe_coarse * forward_s["coarse"] + nfe_fine * forward_s["fine"]
-        speedup = median(ratios)
-        fid_ratio_sets = [a / b for a, b in zip(fid_sets[name], fid_sets[LARGE], strict=True)]
-        rows[name] = {
-            "t_split": t_split,
-            "nfe_coarse": nfe_coarse,
-            "nfe_fine": nfe_fine,
-            "seconds_rounds": times,
-            "seconds_median": median(times),
-            "samples_per_s": cfg.round_size / median(times),
-            "speedup_rounds": ratios,
-            "speedup": speedup,
-            "speedup_of_medians": median(large_times) / median(times),
-            "flop_bound": flop_bound,
-            "bound_ratio": speedup / flop_bound,
-            "forward_bound": forward_bound,
-            "forward_efficiency": forward_bound / flop_bound,
-            "overhead_share": 1.0 - forwards / median(times),
-            "fid_sets": fid_sets[name],
-            "fid": sum(fid_sets[name]) / len(fid_sets[name]),
-            "fid_ratio_sets": fid_ratio_sets,
-            "fid_ratio": sum(fid_ratio_sets) / len(fid_ratio_sets),
-        }
-    for row in rows.values():
-        row["goals"] = _goals(row, cfg)
-    c2f = {k: v for k, v in rows.items() if k not in (LARGE, SMALL)}
-    large = rows[LARGE]
+    rows = {
+        name: _row(name, t_split, sampled, fid_sets, flops, forward_s, cfg)
+        for name, t_split in samplers.items()
+    }
+    c2f = [v for k, v in rows.items() if k not in (LARGE, SMALL)]
     return {
         "coarse_width": coarse.config.width,
         "fine_width": fine.config.width,
         "models": facts,
-        LARGE: large,
+        LARGE: rows[LARGE],
         SMALL: rows[SMALL],
-        "t_splits": list(c2f.values()),
-        "chosen": _choose(list(c2f.values()), cfg),
+        "t_splits": c2f,
+        "chosen": _choose(c2f, cfg),
         "fid_noise": {
-            "large_only_fid_sets": large["fid_sets"],
-            "large_only_relative_spread": _spread(large["fid_sets"]),
+            "large_only_fid_sets": rows[LARGE]["fid_sets"],
+            "large_only_relative_spread": _spread(rows[LARGE]["fid_sets"]),
         },
     }
 
@@ -439,46 +456,28 @@ def run(cfg: C2FConfig) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads)
     if cfg.device == "cuda":
         torch.set_float32_matmul_precision("high")
-    started, load_start = time.perf_counter(), load_average()
-    data = load_embedded(cfg.data, progress=cfg.progress, device=cfg.device)
-    # (width, role): a width is trained once per role, coarse and fine training may differ.
-    roles = sorted(
-        {(w, role) for p in cfg.width_pairs() for w, role in zip(p, COARSE_FINE, strict=True)}
-    )
-    trained = {
-        (w, role): train_cached(
-            data,
-            data.velocity_config(cfg.model, w),
-            cfg.train_config(coarse=role == "coarse"),
-            progress=cfg.progress,
-        )
-        for w, role in roles
-    }
+    clock = Clock.start()
+    sections = {"train": cfg.train, "sampling": cfg.sampling}
+    embedded = Embedded(cfg.stages, sections, progress=cfg.progress, device=cfg.device)
+    refs = model_refs(embedded, cfg)
+    trained = {key: embedded.trained(ref) for key, ref in refs.items()}
     # FLOPs do not depend on the device: counted on the CPU copies, then the models move.
-    one = seeded_noise([cfg.first_seed], data.latent_shape)
-    flops = {k: forward_flops(m.model, one) for k, m in trained.items()}
-    models = {k: m.model.to(cfg.device) for k, m in trained.items()}
-    total = cfg.samples_per_set * cfg.seed_sets
-    seeds = list(range(cfg.first_seed, cfg.first_seed + total))
+    one = seeded_noise([cfg.sampling.first_seed], embedded.latent_shape)
+    flops = {key: forward_flops(model, one) for key, (model, _) in trained.items()}
+    models = {key: model.to(cfg.device) for key, (model, _) in trained.items()}
+    first = cfg.sampling.first_seed
+    seeds = list(range(first, first + cfg.sampling.num_samples))
     pairs = []
     for c, f in cfg.width_pairs():
         coarse, fine = (c, "coarse"), (f, "fine")
         pair_flops = {"coarse": flops[coarse], "fine": flops[fine]}
-        pairs.append(_pair(data, models[coarse], models[fine], pair_flops, seeds, cfg))
+        pairs.append(_pair(embedded, models[coarse], models[fine], pair_flops, seeds, cfg))
     recommended = _recommend(pairs)
-    result = {
-        "benchmark": NAME,
-        "config": asdict(cfg),
-        "machine": machine(),
-        "data": data.info,
+    body = {
+        "data": embedded.info(),
         "training": {
-            f"{role} {w}": {
-                "seconds": m.seconds,
-                "cached": m.cached,
-                "load_average": m.load_average,
-                "steps": cfg.train_config(coarse=role == "coarse").steps,
-            }
-            for (w, role), m in trained.items()
+            f"{role} {w}": {**facts, "steps": refs[w, role].inputs["train"]["steps"]}
+            for (w, role), (_, facts) in trained.items()
         },
         "pairs": pairs,
         "recommended": recommended,
@@ -489,11 +488,8 @@ def run(cfg: C2FConfig) -> dict[str, Any]:
             "c2f_t_split": recommended["t_split"],
             "c2f_pair": recommended["pair"],
         },
-        "load_average": {"start": load_start, "end": load_average()},
-        "seconds": time.perf_counter() - started,
     }
-    write_json(Path(cfg.out) / f"{NAME}.json", result)
-    return result
+    return record_result(NAME, cfg, clock, body, recommended["goals"])
 
 
 def _kind(t_split: float) -> str:
@@ -507,19 +503,24 @@ def _top(ops: list[dict[str, Any]], count: int = 3) -> str:
 def markdown(result: dict[str, Any]) -> str:
     """The results as Markdown tables (one per pair) for summary.md."""
     cfg = result["config"]
-    lines = [f"## Coarse-to-fine ({cfg['model']}, {cfg['steps']} {cfg['solver']} steps)", ""]
+    sampling = cfg["sampling"]
+    lines = [
+        f"## Coarse-to-fine ({cfg['model']}, {sampling['steps']} {sampling['solver']} steps)",
+        "",
+    ]
+    per_set = sampling["num_samples"] // cfg["seed_sets"]
     for pair in result["pairs"]:
         coarse, fine = pair["models"]["coarse"], pair["models"]["fine"]
         spread = pair["fid_noise"]["large_only_relative_spread"]
         lines += [
             f"Pair coarse width {pair['coarse_width']} / fine width {pair['fine_width']}: one "
-            f"forward pass on {cfg['round_size']} samples takes {coarse['forward_ms']:.1f} / "
+            f"forward pass on {sampling['batch_size']} samples takes {coarse['forward_ms']:.1f} / "
             f"{fine['forward_ms']:.1f} ms ({coarse['gflops_per_s']:.1f} / "
             f"{fine['gflops_per_s']:.1f} GFLOP/s; FLOPs ratio "
             f"{fine['flops_per_sample'] / coarse['flops_per_sample']:.1f}, time ratio "
             f"{fine['forward_ms'] / coarse['forward_ms']:.1f}). Top ops: coarse {_top(coarse['top_ops'])}; "
             f"fine {_top(fine['top_ops'])}. FID of the large model differs by {spread:.1%} "
-            f"between its {cfg['seed_sets']} seed sets of {cfg['samples_per_set']}.",
+            f"between its {cfg['seed_sets']} seed sets of {per_set}.",
             "",
             "| sampler | t_split | speedup | FLOP bound | measured / bound | forward-time bound "
             "| solver overhead | FID (per set) | FID / large (per set) |",

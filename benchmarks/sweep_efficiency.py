@@ -19,18 +19,11 @@ import shutil
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (
-    RESULTS_DIR,
-    benchmark_main,
-    goal,
-    load_average,
-    machine,
-    write_json,
-)
+from benchmarks.common import RESULTS_DIR, Clock, benchmark_main, goal, record_result
 from lfm_core.errors import check_range
 from orchestrator.config import load_sweep
 from orchestrator.sweep import cache_for, init_ray, run_sweep
@@ -116,7 +109,7 @@ def run(cfg: SweepBenchConfig) -> dict[str, Any]:
     """Run the benchmark; returns what it writes to `<out>/sweep_efficiency.json`."""
     import ray
 
-    started, load_start = time.perf_counter(), load_average()
+    clock = Clock.start()
     storage = cfg.storage or tempfile.mkdtemp(prefix="lfm-sweep-bench-")
     try:
         sweep = load_sweep(cfg.sweep_file, [*cfg.overrides, f"storage={storage}"])
@@ -148,10 +141,7 @@ def run(cfg: SweepBenchConfig) -> dict[str, Any]:
         if cfg.storage is None:
             shutil.rmtree(storage, ignore_errors=True)
     first["ratio_without_ray_start"] = (wall_s - ray_init_s) / first["unique_stage_s"]
-    result = {
-        "benchmark": NAME,
-        "config": asdict(cfg),
-        "machine": machine(),
+    body = {
         "sweep": {
             "name": sweep.name,
             "trials": len(outcome.metrics) + len(outcome.errors),
@@ -161,20 +151,17 @@ def run(cfg: SweepBenchConfig) -> dict[str, Any]:
         },
         "ray_init_s": ray_init_s,
         **first,
-        "goals": {
-            "ratio": goal(first["ratio"], cfg.max_ratio, higher_is_better=False),
-            "duplicate_stages": goal(first["duplicate_stages"], 0, higher_is_better=False),
-        },
         "rerun": rerun,
         "summary": {
             "sweep_wall_ratio": first["ratio"],
             "duplicate_stages": first["duplicate_stages"],
         },
-        "load_average": {"start": load_start, "end": load_average()},
-        "seconds": time.perf_counter() - started,
     }
-    write_json(Path(cfg.out) / f"{NAME}.json", result)
-    return result
+    goals = {
+        "ratio": goal(first["ratio"], cfg.max_ratio, higher_is_better=False),
+        "duplicate_stages": goal(first["duplicate_stages"], 0, higher_is_better=False),
+    }
+    return record_result(NAME, cfg, clock, body, goals)
 
 
 def markdown(result: dict[str, Any]) -> str:

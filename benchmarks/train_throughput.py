@@ -1,7 +1,7 @@
 """Training throughput: the Ray Train worker loop against a bare PyTorch loop, in one run.
 
-Both run lfm_core.train.train_velocity on the same model, data (the embedded latents), batch
-and thread count: the bare loop in this process, the Ray path through
+Both run lfm_core.train.train_velocity on the same model, data (the embedded latents: the
+latents stage of the benchmarks' stage graph), batch and thread count: the bare loop in this process, the Ray path through
 orchestrator.ray_train.fit_velocity (a TorchTrainer with one worker holding the same cores, its
 report callback forwarding metrics and the final checkpoint to Ray). The steady-state rate of
 each comes from two runs of different lengths, short then long, interleaved bare / Ray:
@@ -10,7 +10,7 @@ accelerate set-up, the first slow steps, the final checkpoint) cancel. The time 
 the worker's own `elapsed_s`; Ray's start-up (`ray.init`) and each fit's fixed overhead (fit
 wall-clock minus the worker's elapsed time) are reported apart.
 
-    python -m benchmarks.train_throughput [--tiny] [--width 128] [--long-steps 250]
+    python -m benchmarks.train_throughput [--tiny] [--model-width 128] [--long-steps 250]
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import os
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -31,19 +30,20 @@ from torch import Tensor
 
 from benchmarks.common import (
     RESULTS_DIR,
+    TINY_STAGES,
+    Clock,
+    Embedded,
+    Stages,
     benchmark_main,
     goal,
-    load_average,
-    machine,
     median,
+    record_result,
     usable_cores,
-    write_json,
 )
-from benchmarks.embedded import TINY_DATA, DataConfig, load_embedded
-from lfm_core.errors import ConfigError, check_choice, check_range
+from lfm_core.errors import ConfigError, check_range
 from lfm_core.train import TrainConfig, train_velocity
-from lfm_core.velocity import VELOCITY_SIZES, VelocityConfig
-from orchestrator.config import ResourcesSection
+from lfm_core.velocity import VelocityConfig
+from orchestrator.config import ModelSection, ResourcesSection
 from orchestrator.ray_train import fit_velocity, seeded_velocity
 from orchestrator.sweep import LOCAL_RAY_ENV
 
@@ -56,51 +56,41 @@ class ThroughputConfig:
 
     Attributes:
         out: results folder (`train_throughput.json` goes there).
-        data: the embedded data (its latents are the training data).
-        model, width: the velocity network.
-        batch_size, log_every: training settings (Ray reports every log_every steps).
+        stages: the embedded data (its latents stage is the training data).
+        model: the velocity network.
+        train: training settings (its steps are replaced by short_steps / long_steps; Ray
+            reports every log_every steps).
         short_steps, long_steps: the two run lengths whose difference gives the rate.
         repeats: how many (short, long) pairs of each path (medians kept).
         threads: torch threads of the bare loop and of the Ray worker (its CPUs).
         min_ratio: the goal for Ray / bare steady-state steps per second.
-        seed: initial weights and batches.
         progress: show progress bars.
     """
 
     out: str = str(RESULTS_DIR)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: str = "dit-xs"
-    width: int = 128
-    batch_size: int = 128
-    log_every: int = 50
+    stages: Stages = field(default_factory=Stages)
+    model: ModelSection = ModelSection(name="dit-xs", width=128)
+    train: TrainConfig = TrainConfig(batch_size=128, log_every=50)
     short_steps: int = 50
     long_steps: int = 250
     repeats: int = 1
     threads: int = field(default_factory=usable_cores)
     min_ratio: float = 0.9
-    seed: int = 0
     progress: bool = True
 
     def __post_init__(self) -> None:
-        check_choice("model", self.model, VELOCITY_SIZES)
-        for key in ("batch_size", "log_every", "short_steps", "repeats", "threads"):
+        for key in ("short_steps", "repeats", "threads"):
             check_range(key, getattr(self, key), 1, math.inf)
         if self.long_steps <= self.short_steps:
             raise ConfigError(
                 f"long_steps: {self.long_steps} must exceed short_steps={self.short_steps}"
             )
 
-    def train_config(self, steps: int) -> TrainConfig:
-        return TrainConfig(
-            steps=steps, batch_size=self.batch_size, log_every=self.log_every, seed=self.seed
-        )
-
 
 TINY = ThroughputConfig(
-    data=TINY_DATA,
-    width=16,
-    batch_size=16,
-    log_every=2,
+    stages=TINY_STAGES,
+    model=ModelSection(name="dit-xs", width=16),
+    train=TrainConfig(batch_size=16, log_every=2),
     short_steps=2,
     long_steps=4,
     threads=1,
@@ -146,15 +136,33 @@ def _rate(short: float, long: float, cfg: ThroughputConfig) -> float:
     return (cfg.long_steps - cfg.short_steps) / (long - short) if long > short else math.nan
 
 
+def _measure(
+    latents_file: str, latents: Tensor, velocity: VelocityConfig, cfg: ThroughputConfig
+) -> tuple[dict[int, list[float]], dict[int, list[dict[str, float]]]]:
+    """Seconds of each bare run and {elapsed_s, wall_s} of each Ray run, per run length,
+    interleaved bare / Ray, short then long, `repeats` times."""
+    bare: dict[int, list[float]] = {cfg.short_steps: [], cfg.long_steps: []}
+    ray_runs: dict[int, list[dict[str, float]]] = {cfg.short_steps: [], cfg.long_steps: []}
+    with tempfile.TemporaryDirectory(prefix="lfm-throughput-") as storage:
+        for _ in range(cfg.repeats):
+            for steps in (cfg.short_steps, cfg.long_steps):
+                train = replace(cfg.train, steps=steps)
+                bare[steps].append(_bare(latents, velocity, train, cfg.progress))
+                ray_runs[steps].append(_ray(latents_file, velocity, train, cfg, storage))
+    return bare, ray_runs
+
+
 def run(cfg: ThroughputConfig) -> dict[str, Any]:
     """Run the benchmark; returns what it writes to `<out>/train_throughput.json`."""
     import ray
 
     torch.set_num_threads(cfg.threads)
-    started, load_start = time.perf_counter(), load_average()
-    data = load_embedded(cfg.data, progress=cfg.progress)
-    latents_file = str(Path(data.info["cache"]) / "latents.safetensors")
-    velocity = data.velocity_config(cfg.model, cfg.width)
+    clock = Clock.start()
+    embedded = Embedded(cfg.stages, {"train": cfg.train}, progress=cfg.progress)
+    c, h, _ = embedded.latent_shape
+    velocity = VelocityConfig(
+        name=cfg.model.name, in_channels=c, sample_size=h, width=cfg.model.width
+    )
     own_ray = not ray.is_initialized()
     ray_init_s = None
     if own_ray:
@@ -163,15 +171,8 @@ def run(cfg: ThroughputConfig) -> dict[str, Any]:
         init_started = time.perf_counter()
         ray.init(num_cpus=cfg.threads, include_dashboard=False, log_to_driver=cfg.progress)
         ray_init_s = time.perf_counter() - init_started
-    bare: dict[int, list[float]] = {cfg.short_steps: [], cfg.long_steps: []}
-    ray_runs: dict[int, list[dict[str, float]]] = {cfg.short_steps: [], cfg.long_steps: []}
     try:
-        with tempfile.TemporaryDirectory(prefix="lfm-throughput-") as storage:
-            for _ in range(cfg.repeats):
-                for steps in (cfg.short_steps, cfg.long_steps):
-                    train = cfg.train_config(steps)
-                    bare[steps].append(_bare(data.latents, velocity, train, cfg.progress))
-                    ray_runs[steps].append(_ray(latents_file, velocity, train, cfg, storage))
+        bare, ray_runs = _measure(str(embedded.latents_file), embedded.latents, velocity, cfg)
     finally:
         if own_ray:
             ray.shutdown()
@@ -181,17 +182,13 @@ def run(cfg: ThroughputConfig) -> dict[str, Any]:
     ratio = ray_rate / bare_rate
     overheads = [r["wall_s"] - r["elapsed_s"] for runs in ray_runs.values() for r in runs]
     long_wall = median([r["wall_s"] for r in ray_runs[cfg.long_steps]])
-    result = {
-        "benchmark": NAME,
-        "config": asdict(cfg),
-        "machine": machine(),
+    body = {
         "velocity": velocity.to_dict(),
         "bare_seconds": {str(s): v for s, v in bare.items()},
         "ray_runs": {str(s): v for s, v in ray_runs.items()},
         "bare_steps_per_s": bare_rate,
         "ray_steps_per_s": ray_rate,
         "ratio": ratio,
-        "goal": goal(ratio, cfg.min_ratio, higher_is_better=True),
         "ray_init_s": ray_init_s,
         "ray_fit_overhead_s": median(overheads),
         "end_to_end": {
@@ -199,11 +196,9 @@ def run(cfg: ThroughputConfig) -> dict[str, Any]:
             "ray_long_steps_per_s_incl_fit_overhead": cfg.long_steps / long_wall,
         },
         "summary": {"ray_train_throughput_ratio": ratio},
-        "load_average": {"start": load_start, "end": load_average()},
-        "seconds": time.perf_counter() - started,
     }
-    write_json(Path(cfg.out) / f"{NAME}.json", result)
-    return result
+    goals = {"ratio": goal(ratio, cfg.min_ratio, higher_is_better=True)}
+    return record_result(NAME, cfg, clock, body, goals)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -212,15 +207,15 @@ def markdown(result: dict[str, Any]) -> str:
     init = result["ray_init_s"]
     return "\n".join(
         [
-            f"## Training throughput ({cfg['model']} width {cfg['width']}, batch {cfg['batch_size']}, "
-            f"{cfg['threads']} threads)",
+            f"## Training throughput ({cfg['model']['name']} width {cfg['model']['width']}, "
+            f"batch {cfg['train']['batch_size']}, {cfg['threads']} threads)",
             "",
             "| path | steady-state steps/s |",
             "|---|---|",
             f"| bare lfm_core loop | {result['bare_steps_per_s']:.2f} |",
             f"| Ray Train worker (1 worker) | {result['ray_steps_per_s']:.2f} |",
             "",
-            f"Ratio Ray / bare: {result['ratio']:.3f} (goal >= {result['goal']['goal']}). "
+            f"Ratio Ray / bare: {result['ratio']:.3f} (goal >= {result['goals']['ratio']['goal']}). "
             f"Ray start-up (ray.init): {'n/a' if init is None else f'{init:.1f} s'}; fixed cost per "
             f"fit (worker group start, data load, teardown): {result['ray_fit_overhead_s']:.1f} s.",
             "",

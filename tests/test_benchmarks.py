@@ -1,13 +1,14 @@
 """Benchmarks: the bookkeeping is exact (pure helpers), and every benchmark runs end to end at its
-tiny scale through `benchmarks.run_all`, writing the JSON fields the summary promises. No
-timing is asserted: the numbers at this scale mean nothing, only their arithmetic is checked.
+tiny scale through `benchmarks.run_all`, building its artefacts through the stage graph (one
+shared cache: a stage is built once across benchmarks, and a rerun builds nothing). No timing
+is asserted: the numbers at this scale mean nothing; their arithmetic, and what the maths fixes
+(identical coarse and fine models: FLOP bound and FID ratio exactly 1), is checked.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -18,10 +19,13 @@ import pytest
 import torch
 
 from benchmarks import coarse_to_fine, data_reduction, run_all, stability_halves, sweep_efficiency
-from benchmarks.common import parse_config
+from benchmarks.common import Embedded, Stages, parse_config
 from lfm_core.errors import ConfigError
 from lfm_core.flops import flop_speedup_bound
+from lfm_core.metrics import stability
 from lfm_core.solvers import uniform_grid
+from orchestrator import stage_keys
+from orchestrator.config import SamplingSection
 
 # ---- pure helpers --------------------------------------------------------------------------
 
@@ -33,8 +37,10 @@ def test_parse_config_reads_tuples_optionals_bools_and_nested_fields():
         [
             "--pairs", "32:64", "48:96",
             "--t-splits", "0.6",
-            "--data-train-limit", "none",
-            "--data-ae-channels", "8", "16",
+            "--coarse-steps", "none",
+            "--train-steps", "10",
+            "--sampling-steps", "7",
+            "--stages-overrides", "data.limit=64", "autoencoder.epochs=1",
             "--no-progress",
             "--dry-run",
         ],
@@ -44,9 +50,13 @@ def test_parse_config_reads_tuples_optionals_bools_and_nested_fields():
     assert dry_run
     assert cfg.width_pairs() == [(32, 64), (48, 96)]
     assert cfg.t_splits == (0.6,)
-    assert cfg.data.train_limit is None and cfg.data.ae_channels == (8, 16)
+    assert cfg.coarse_steps is None
+    assert cfg.stages.overrides == ("data.limit=64", "autoencoder.epochs=1")
+    assert (cfg.train.steps, cfg.sampling.steps) == (10, 7)
     assert cfg.progress is False
-    assert cfg.train_steps == coarse_to_fine.C2FConfig().train_steps  # untouched default
+    default = coarse_to_fine.C2FConfig()
+    assert cfg.train.lr == default.train.lr  # untouched nested default
+    assert cfg.sampling.num_samples == default.sampling.num_samples
     tiny, _ = parse_config(coarse_to_fine.C2FConfig(), coarse_to_fine.TINY, ["--tiny"], "p", "t")
     assert tiny == coarse_to_fine.TINY
 
@@ -55,7 +65,8 @@ def test_parse_config_reads_tuples_optionals_bools_and_nested_fields():
     ("change", "key"),
     [
         ({"pairs": ("64-256",)}, "pairs"),
-        ({"round_size": 300}, "round_size"),
+        ({"sampling": SamplingSection(num_samples=2000, batch_size=300)}, "sampling.batch_size"),
+        ({"seed_sets": 3}, "seed_sets"),
         ({"t_splits": (1.0,)}, "t_splits"),
         ({"model": "dit-xxl"}, "model"),
     ],
@@ -87,11 +98,18 @@ def test_choose_takes_the_fastest_t_split_that_meets_the_goals():
     assert coarse_to_fine._choose(worse, coarse_to_fine.C2FConfig())["t_split"] == 0.5
 
 
-def test_data_reduction_full_model_is_the_coarse_model_of_coarse_to_fine():
-    c2f, reduction = coarse_to_fine.C2FConfig(), data_reduction.DataReductionConfig()
-    assert c2f.train_config(coarse=True) == reduction.train_config()
-    assert reduction.width in {coarse for coarse, _ in c2f.width_pairs()}
-    assert coarse_to_fine.TINY.train_config(coarse=True) == data_reduction.TINY.train_config()
+@pytest.mark.parametrize("scale", ["full", "tiny"])
+def test_data_reduction_full_model_is_the_coarse_model_of_coarse_to_fine(scale, tmp_path):
+    c2f = coarse_to_fine.C2FConfig() if scale == "full" else coarse_to_fine.TINY
+    reduction = data_reduction.DataReductionConfig() if scale == "full" else data_reduction.TINY
+    stages = Stages(overrides=c2f.stages.overrides, storage=str(tmp_path))
+    assert reduction.stages.overrides == c2f.stages.overrides
+    c2f_graph = Embedded(stages, {"train": c2f.train, "sampling": c2f.sampling})
+    reduction_graph = Embedded(stages, reduction.sections())
+    coarse = coarse_to_fine.model_refs(c2f_graph, c2f)[reduction.model.width, "coarse"]
+    full = data_reduction.model_ref(reduction_graph, reduction_graph.full_subset(), reduction)
+    assert coarse.key == full.key  # one stage: whichever benchmark runs second trains nothing
+    assert list(tmp_path.iterdir()) == []  # naming stages builds nothing
 
 
 def test_time_to_finds_the_first_checkpoint_at_or_below_the_level():
@@ -127,40 +145,51 @@ def test_split_halves_are_disjoint_equal_and_seeded():
 # ---- every benchmark at its tiny scale -------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, ray_local, tiny_dinov2):
-    """run_all at tiny scale (one sweep trial, the tiny DINOv2 as the sweep's extractor)."""
-    out = tmp_path_factory.mktemp("bench")
-    configs = run_all.configs_for(True, str(out), str(out / ".cache"))
-    extractor = [
+def _dinov2(path):
+    """Overrides that make the tiny DINOv2 every role's extractor (loads in a second)."""
+    return tuple(
         f"features.{role}.{key}={value}"
         for role in ("clustering", "fid", "stability")
-        for key, value in (("name", "dinov2"), ("path", tiny_dinov2))
-    ]
-    one_trial = [
+        for key, value in (("name", "dinov2"), ("path", path))
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, ray_local, tiny_dinov2):
+    """run_all at tiny scale on one stage cache (one sweep trial, the tiny DINOv2 extractor);
+    data reduction with an unbounded tolerance, so every model reaches the target at once."""
+    out = tmp_path_factory.mktemp("bench")
+    configs = run_all.configs_for(True, str(out), str(out / ".cache"), (), _dinov2(tiny_dinov2))
+    one_trial = (
         "search.data_reduction.data_fraction=[1.0]",
         "search.data_reduction.criterion=[random]",
-    ]
+    )
     sweep = configs[sweep_efficiency.NAME]
     configs[sweep_efficiency.NAME] = dataclasses.replace(
-        sweep, overrides=(*sweep.overrides, *extractor, *one_trial)
+        sweep, overrides=(*sweep.overrides, *one_trial)
     )
+    reduction = configs[data_reduction.NAME]
+    configs[data_reduction.NAME] = dataclasses.replace(reduction, tolerance=1e9)
     summary = run_all.run(configs, out, tiny=True)
-    return out, summary
+    return out, summary, configs
 
 
 def _load(out, name):
     return json.loads((out / f"{name}.json").read_text())
 
 
+def _records(configs):
+    return Embedded(configs[coarse_to_fine.NAME].stages, {}).cache.records()
+
+
 @pytest.mark.integration
 def test_summary_holds_every_headline_number_and_the_machine(tiny_run):
-    out, summary = tiny_run
+    out, summary, configs = tiny_run
     assert summary["errors"] == {}
     on_disk = _load(out, "summary")
-    for key in (*run_all.SUMMARY_KEYS, "machine", "measured_on", "goals"):
-        assert key in on_disk
+    assert set(run_all.SUMMARY_KEYS) <= set(on_disk)
     assert on_disk["machine"]["usable_cores"] >= 1 and on_disk["machine"]["torch"]
+    assert on_disk["measured_on"] == on_disk["machine"]["description"]
     assert on_disk["c2f_t_split"] in coarse_to_fine.TINY.t_splits
     assert on_disk["duplicate_stages"] == 0
     assert set(on_disk["goals"]) == {
@@ -171,12 +200,15 @@ def test_summary_holds_every_headline_number_and_the_machine(tiny_run):
         "sweep_wall_ratio",
         "duplicate_stages",
     }
+    for name in run_all.BENCHMARKS:
+        result = _load(out, name)
+        assert result["benchmark"] == name and result["machine"]["cpu"]
+        assert result["config"] == json.loads(json.dumps(dataclasses.asdict(configs[name])))
     markdown = (out / "summary.md").read_text()
     for title in ("Coarse-to-fine", "Data reduction", "Training throughput", "Sweep efficiency"):
         assert title in markdown
 
     # Rebuilt from the result files alone, the summary holds the same numbers.
-    configs = run_all.configs_for(True, str(out), str(out / ".cache"))
     rebuilt = run_all.summarize_saved(configs, out)
     assert {k: rebuilt[k] for k in run_all.SUMMARY_KEYS} == {
         k: on_disk[k] for k in run_all.SUMMARY_KEYS
@@ -185,19 +217,48 @@ def test_summary_holds_every_headline_number_and_the_machine(tiny_run):
 
 
 @pytest.mark.integration
+def test_every_stage_is_built_once_and_a_rerun_builds_nothing(tiny_run, tmp_path):
+    out, _, configs = tiny_run
+    records = _records(configs)
+    keys = [(r["stage"], r["key"]) for r in records]
+    assert len(keys) == len(set(keys))
+    # 3 tiny widths (16 x 6 steps for c2f and data reduction, 32), 2 subset models, 1 probe.
+    assert sum(stage == "fm_model" for stage, _ in keys) == 5
+    for name in (coarse_to_fine.NAME, data_reduction.NAME):
+        module, _, _ = run_all.BENCHMARKS[name]
+        module.run(dataclasses.replace(configs[name], out=str(tmp_path)))
+    assert len(_records(configs)) == len(records)
+
+
+@pytest.mark.integration
+def test_identical_coarse_and_fine_models_give_bound_and_fid_ratio_exactly_one(tiny_run):
+    out, _, _ = tiny_run
+    result = _load(out, coarse_to_fine.NAME)
+    same = next(p for p in result["pairs"] if p["coarse_width"] == p["fine_width"])
+    training = result["training"]
+    assert training["coarse 16"]["train_seconds"] == training["fine 16"]["train_seconds"]
+    assert not training["coarse 16"]["cached"] and training["fine 16"]["cached"]
+    for row in [same["large_only"], *same["t_splits"], same["small_only"]]:
+        assert row["flop_bound"] == 1.0
+        assert row["fid_ratio"] == 1.0 and row["fid_ratio_sets"] == [1.0] * 2
+        assert row["fid_sets"] == same["large_only"]["fid_sets"]
+
+
+@pytest.mark.integration
 def test_coarse_to_fine_rows_follow_from_their_measurements(tiny_run):
-    out, summary = tiny_run
+    out, summary, _ = tiny_run
     result = _load(out, coarse_to_fine.NAME)
     cfg = coarse_to_fine.TINY
-    rounds = cfg.samples_per_set * cfg.seed_sets // cfg.round_size
-    (pair,) = result["pairs"]
+    rounds = cfg.sampling.num_samples // cfg.sampling.batch_size
+    pair = next(p for p in result["pairs"] if p["coarse_width"] < p["fine_width"])
     flops = {k: pair["models"][k]["flops_per_sample"] for k in ("coarse", "fine")}
     assert flops["coarse"] < flops["fine"]
-    grid = uniform_grid(cfg.steps)
+    grid = uniform_grid(cfg.sampling.steps)
     for row in [pair["large_only"], *pair["t_splits"], pair["small_only"]]:
         t_split = row["t_split"]
-        coarse_steps = cfg.steps if t_split == 1.0 else int((grid[:-1] < t_split).sum())
-        assert (row["nfe_coarse"], row["nfe_fine"]) == (coarse_steps, cfg.steps - coarse_steps)
+        steps = cfg.sampling.steps
+        coarse_steps = steps if t_split == 1.0 else int((grid[:-1] < t_split).sum())
+        assert (row["nfe_coarse"], row["nfe_fine"]) == (coarse_steps, steps - coarse_steps)
         assert len(row["seconds_rounds"]) == len(row["speedup_rounds"]) == rounds
         assert row["speedup"] == statistics.median(row["speedup_rounds"])
         bound = flop_speedup_bound(
@@ -206,50 +267,72 @@ def test_coarse_to_fine_rows_follow_from_their_measurements(tiny_run):
         assert row["flop_bound"] == pytest.approx(bound, rel=1e-12)
         assert row["bound_ratio"] == pytest.approx(row["speedup"] / row["flop_bound"], rel=1e-12)
         assert len(row["fid_sets"]) == cfg.seed_sets
-        assert all(math.isfinite(f) and f >= 0 for f in row["fid_sets"])
-    assert pair["large_only"]["fid_ratio"] == 1.0
+        assert row["fid"] == pytest.approx(statistics.mean(row["fid_sets"]), rel=1e-12)
+    assert pair["large_only"]["flop_bound"] == 1.0 and pair["large_only"]["fid_ratio"] == 1.0
     assert pair["large_only"]["speedup_rounds"] == [1.0] * rounds
+    # The small model alone: fine / coarse FLOPs per evaluation, every evaluation coarse.
+    small = pair["small_only"]
+    assert small["flop_bound"] == pytest.approx(flops["fine"] / flops["coarse"], rel=1e-12)
     recommended = result["recommended"]
     assert summary["c2f_speedup"] == recommended["speedup"]
     assert summary["c2f_t_split"] == recommended["t_split"]
+    assert result["goals"] == recommended["goals"]
     assert pair["models"]["coarse"]["top_ops"]
 
 
 @pytest.mark.integration
 def test_data_reduction_measures_time_to_the_full_data_fid(tiny_run):
-    out, _ = tiny_run
+    out, _, configs = tiny_run
     result = _load(out, data_reduction.NAME)
-    cfg = data_reduction.TINY
+    c2f = _load(out, coarse_to_fine.NAME)
+    cfg = configs[data_reduction.NAME]
     full = result["full"]
-    steps = list(range(cfg.eval_every, cfg.train_steps + 1, cfg.eval_every))
+    steps = list(range(cfg.eval_every, cfg.train.steps + 1, cfg.eval_every))
     assert [c["step"] for c in full["checkpoints"]] == steps
     assert full["target_fid"] == full["checkpoints"][-1]["fid"]
-    n = cfg.data.train_limit
+    # The full-data model is coarse-to-fine's coarse model: trained there, cached here, and
+    # its final snapshot is the model c2f sampled alone (first seed set: the same seeds).
+    assert full["cached"] and full["train_seconds"] == c2f["training"]["coarse 16"]["train_seconds"]
+    same = next(p for p in c2f["pairs"] if p["coarse_width"] == p["fine_width"])
+    assert full["target_fid"] == pytest.approx(same["small_only"]["fid_sets"][0], rel=1e-6)
+    # An unbounded tolerance: every model reaches the target at its first snapshot.
+    assert full["reach"]["within_tolerance"] == full["checkpoints"][0]
+    n = Embedded(cfg.stages, cfg.sections()).latents.shape[0]
+    assert n == 256
     for fraction in result["fractions"]:
         assert set(fraction["subset_fid"]) == set(cfg.proxy_criteria)
         best_proxy = min(fraction["subset_fid"], key=fraction["subset_fid"].get)
         (run_,) = fraction["runs"]
-        assert run_["criterion"] == best_proxy
+        assert run_["criterion"] == best_proxy == fraction["best"]["criterion"]
         assert run_["subset_size"] == round(fraction["fraction"] * n)
         assert [c["step"] for c in run_["checkpoints"]] == steps
-        if run_["time_ratio"] is not None:
-            ratio = run_["reach"]["seconds"] / full["reach"]["seconds"]
-            assert run_["time_ratio"] == pytest.approx(ratio, rel=1e-12)
+        assert run_["reach"]["within_tolerance"] == run_["checkpoints"][0]
+        ratio = run_["checkpoints"][0]["seconds"] / full["checkpoints"][0]["seconds"]
+        assert run_["time_ratio"] == ratio == fraction["best"]["time_ratio"]
+        assert result["summary"][f"dr_time_ratio_{fraction['fraction']:g}"] == ratio
 
 
 @pytest.mark.integration
 def test_throughput_and_sweep_write_their_numbers(tiny_run):
-    out, summary = tiny_run
+    out, summary, _ = tiny_run
     throughput = _load(out, "train_throughput")
-    for key in ("bare_steps_per_s", "ray_steps_per_s", "ratio", "ray_fit_overhead_s"):
-        assert key in throughput
-    assert set(throughput["bare_seconds"]) == {"2", "4"}
+    cfg = run_all.BENCHMARKS["train_throughput"][2]
+    assert set(throughput["bare_seconds"]) == set(throughput["ray_runs"]) == {"2", "4"}
     assert all(
         r["wall_s"] > r["elapsed_s"] > 0 for runs in throughput["ray_runs"].values() for r in runs
     )
-    if throughput["ratio"] is not None:
-        expected = throughput["ray_steps_per_s"] / throughput["bare_steps_per_s"]
-        assert throughput["ratio"] == pytest.approx(expected, rel=1e-12)
+
+    def rate(short, long):  # None where the long run was not slower (JSON has no NaN)
+        return (cfg.long_steps - cfg.short_steps) / (long - short) if long > short else None
+
+    bare = rate(*(statistics.median(throughput["bare_seconds"][s]) for s in ("2", "4")))
+    ray = rate(
+        *(statistics.median(r["elapsed_s"] for r in throughput["ray_runs"][s]) for s in ("2", "4"))
+    )
+    assert throughput["bare_steps_per_s"] == bare and throughput["ray_steps_per_s"] == ray
+    expected = None if bare is None or ray is None else ray / bare
+    assert throughput["ratio"] == expected == summary["ray_train_throughput_ratio"]
+    assert throughput["goals"]["ratio"]["value"] == expected
     sweep = _load(out, sweep_efficiency.NAME)
     assert sweep["sweep"]["errors"] == [] and sweep["sweep"]["trials"] == 1
     assert sweep["duplicate_stages"] == 0 and sweep["builds"] == sweep["unique_stages"] > 0
@@ -260,22 +343,31 @@ def test_throughput_and_sweep_write_their_numbers(tiny_run):
 
 @pytest.mark.integration
 def test_stability_halves_compares_disjoint_halves_on_the_same_seeds(tiny_run, tmp_path):
-    out, _ = tiny_run
-    tiny = stability_halves.TINY
-    cfg = dataclasses.replace(
-        tiny,
-        out=str(tmp_path),
-        data=dataclasses.replace(tiny.data, cache_dir=str(out / ".cache")),
-        progress=False,
-    )
+    _, _, configs = tiny_run
+    stages = configs[coarse_to_fine.NAME].stages
+    cfg = dataclasses.replace(stability_halves.TINY, out=str(tmp_path), stages=stages)
     result = stability_halves.run(cfg)
-    assert result["halves"] == {"size": tiny.data.train_limit // 2, "disjoint": True}
+    assert result["halves"] == {"size": 128, "disjoint": True}
     models = result["models"]
     assert [models[name]["training_seed"] for name in ("A", "B", "B_other_seed")] == [0, 0, 1]
-    assert all(math.isfinite(row["fid"]) and row["train_images"] == 128 for row in models.values())
-    for spaces in result["similarity"].values():
-        for s in spaces.values():
-            assert -1 <= s["unrelated"] <= 1 and -1 <= s["similarity"] <= 1
+    assert all(row["train_images"] == 128 for row in models.values())
+    # The similarity is lfm_core's, on the FID features the samples stages hold.
+    embedded = Embedded(stages, {"model": cfg.model, "train": cfg.train, "sampling": cfg.sampling})
+    features = {}
+    for name, which, seed in (("A", "A", 0), ("B", "B", 0), ("B_other_seed", "B", 1)):
+        half = stability_halves.half_ref(embedded, which, cfg.split_seed)
+        ref = embedded.model_ref(half, cfg.model.name, cfg.model.width, seed=seed)
+        samples = embedded.graph.load_samples(stage_keys.samples(embedded.cfg, ref))
+        features[name] = samples["features_fid"]
+    for pair, (left, right) in stability_halves.PAIRS.items():
+        expected = stability(features[left], features[right], cfg.unrelated_seed)
+        assert result["similarity"][pair]["classifier"] == dataclasses.asdict(expected)
+    # Same-seed pixels of barely trained models from one initialisation: far above unrelated,
+    # and above the pair that shares no training seed.
+    pixels = {pair: spaces["pixels"] for pair, spaces in result["similarity"].items()}
+    for s in pixels.values():
+        assert s["similarity"] > s["unrelated"] + 0.1
+    assert pixels["A_vs_B"]["similarity"] > pixels["A_vs_B_other_seed"]["similarity"]
     assert json.loads((tmp_path / "stability_halves.json").read_text())["models"] == models
     assert (tmp_path / "stability_halves_grid.png").is_file()
     assert "A_vs_B" in stability_halves.markdown(result)
@@ -283,16 +375,19 @@ def test_stability_halves_compares_disjoint_halves_on_the_same_seeds(tiny_run, t
 
 @pytest.mark.integration
 def test_gpu_script_smoke_path_runs_on_the_cpu(tiny_run, tmp_path):
-    out, _ = tiny_run
+    _, _, configs = tiny_run
+    stages = configs[coarse_to_fine.NAME].stages
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHON": sys.executable}
     command = [
         str(repo / "benchmarks" / "gpu.sh"),
         "--device", "cpu", "--tiny", "--out", str(tmp_path),
-        "--", "--data-cache-dir", str(out / ".cache"),
+        "--", "--stages-storage", stages.storage, "--stages-overrides", *stages.overrides,
     ]  # fmt: skip
+    before = len(_records(configs))
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((tmp_path / "coarse_to_fine.json").read_text())
     assert result["config"]["device"] == "cpu" and result["machine"]["accelerator"] is None
     assert result["summary"]["c2f_t_split"] in coarse_to_fine.TINY.t_splits
+    assert len(_records(configs)) == before  # every model came from the cache
