@@ -106,7 +106,8 @@ def _parsed(key: str, text: str, kind: Callable[[str], T]) -> T:
     try:
         return kind(text)
     except ValueError:
-        raise ValueError(f"param {key}: {text!r} is not a {kind.__name__}") from None
+        what = "an integer" if kind is int else "a number"
+        raise ValueError(f"param {key}: {text!r} is not {what}") from None
 
 
 def trial_from_params(params: Mapping[str, str]) -> Trial:
