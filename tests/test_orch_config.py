@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,15 @@ from lfm_core.autoencoder import AutoencoderConfig
 from lfm_core.errors import ConfigError
 from lfm_core.train import TrainConfig
 from orchestrator import cli
-from orchestrator.config import GridSection, check_local_paths, load_sweep
+from orchestrator.config import (
+    GridSection,
+    apply_overrides,
+    check_local_paths,
+    format_override,
+    load_sweep,
+    parse_overrides,
+    resolve_locations,
+)
 from orchestrator.sweep import max_concurrent_trials
 from orchestrator.trials import expand_trials
 
@@ -120,6 +129,56 @@ def test_trials_are_the_union_of_studies_each_point_once(sweep_file: Path) -> No
         ("main", 1.0),
         ("other", 0.25),
     ]
+
+
+@pytest.mark.parametrize(
+    "value", [None, 0.5, 3, "random", [None, 0.7], [1.0], ("random", "loss"), True]
+)
+def test_format_override_is_read_back_by_parse_overrides(value: object) -> None:
+    layer = parse_overrides([format_override("a.b", value)])
+    expected = list(value) if isinstance(value, list | tuple) else value
+    assert layer.a.b == expected
+
+
+@dataclass(frozen=True)
+class _Inner:
+    steps: int = 3
+    widths: tuple[int, ...] = (8, 16)
+    t_split: float | None = None
+
+
+@dataclass(frozen=True)
+class _Outer:
+    inner: _Inner = field(default_factory=_Inner)
+    name: str = "x"
+
+
+def test_apply_overrides_types_nested_fields_and_names_bad_keys() -> None:
+    base = _Outer(_Inner(steps=5))
+    got = apply_overrides(base, ["inner.widths=[4, 2]", "inner.t_split=0.5", "name=y"])
+    assert got == _Outer(_Inner(steps=5, widths=(4, 2), t_split=0.5), "y")
+    assert apply_overrides(base, []) == base
+    with pytest.raises(ConfigError, match=r"^inner\.stepz: unknown key; allowed: steps, widths"):
+        apply_overrides(base, ["inner.stepz=1"])
+    with pytest.raises(ConfigError, match=r"^inner\.steps: Value 'many' .* Integer$"):
+        apply_overrides(base, ["inner.steps=many"])
+    with pytest.raises(ConfigError, match=r"^override 'inner': expected key=value$"):
+        apply_overrides(base, ["inner"])
+
+
+def test_locations_of_s3_storage_keep_local_files_under_results(
+    sweep_file: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    where = resolve_locations("s3://bucket/prefix/")
+    assert (where.storage, where.local_dir) == ("s3://bucket/prefix", tmp_path / "results")
+    assert where.tracking_uri == f"sqlite:///{tmp_path}/results/mlflow.db"
+    # The report's default and a sweep's report folder come from the same place.
+    monkeypatch.setenv("LFM_STORAGE", "s3://bucket/prefix")
+    assert resolve_locations() == where
+    cfg = load_sweep(sweep_file)
+    assert (cfg.storage, cfg.tracking_uri) == (where.storage, where.tracking_uri)
+    assert cli._report_dir(cfg) == tmp_path / "results" / "report" / cfg.experiment
 
 
 BAD_INPUTS = [
