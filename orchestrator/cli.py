@@ -20,7 +20,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 from omegaconf import OmegaConf
 
@@ -29,6 +29,8 @@ from orchestrator import schema
 from orchestrator.cache import StageRef
 from orchestrator.config import (
     AXES,
+    EXIT_BAD_INPUT,
+    OneLineParser,
     SweepConfig,
     format_override,
     load_sweep,
@@ -41,7 +43,6 @@ from orchestrator.trials import Trial, expand_trials
 if TYPE_CHECKING:
     from orchestrator.stages import StageGraph
 
-EXIT_BAD_INPUT = 2
 EXIT_TRIALS_FAILED = 1
 HEADLINE = (
     schema.FID,
@@ -76,16 +77,9 @@ def _add_point(parser: argparse.ArgumentParser, t_split: bool) -> None:
         )
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse with the house error format: one line on stderr, exit status 2, no usage."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `lfm`."""
-    parser = _OneLineParser(prog="lfm", description="Latent flow-matching stability sweeps.")
+    parser = OneLineParser(prog="lfm", description="Latent flow-matching stability sweeps.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sweep = sub.add_parser("sweep", help="run a sweep file on Ray Tune, tracked in MLflow")

@@ -15,6 +15,7 @@ scalar is a one-point axis). The trials are the union of the grids' products.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
@@ -22,7 +23,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -39,6 +40,8 @@ from lfm_core.velocity import VELOCITY_SIZES, VelocityConfig, build_velocity
 from orchestrator.storage import S3_SCHEME, check_storage_uri
 
 EMBEDDED_PROFILE = "embedded"
+# Exit status of a command line given bad input (argparse's own).
+EXIT_BAD_INPUT = 2
 STORAGE_ENV = "LFM_STORAGE"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 DEFAULT_RESULTS_DIR = "results"
@@ -335,6 +338,13 @@ def _one_line(err: OmegaConfBaseException, root: DictConfig | None = None) -> Co
         return ConfigError(f"{key}: unknown key; allowed: {allowed}")
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return ConfigError(f"{key}: {first}")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the house error format: one line on stderr, exit status 2, no usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
 
 
 def parse_overrides(overrides: Sequence[str]) -> DictConfig:

@@ -33,7 +33,7 @@ from requests.exceptions import RequestException
 
 from lfm_core.coarse_to_fine import PAPER_T_SPLIT
 from lfm_core.errors import ConfigError
-from orchestrator.config import SQLITE_PREFIX, resolve_locations
+from orchestrator.config import SQLITE_PREFIX, OneLineParser, resolve_locations
 from orchestrator.report_figures import (
     coarse_to_fine_figure,
     data_reduction_figure,
@@ -485,7 +485,7 @@ def build_report(
 
 def build_parser() -> argparse.ArgumentParser:
     """The arguments of `lfm report`."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="lfm report", description="Paper tables and figures from an MLflow experiment."
     )
     parser.add_argument("--experiment", required=True, help="MLflow experiment name (the sweep's)")
