@@ -94,24 +94,36 @@ def fit_velocity(
     Raises:
         RuntimeError: the run ended without a checkpoint.
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     if snapshot_every:
         train = replace(train, checkpoint_every=snapshot_every)
     elif resources.checkpoint_every:
         train = replace(train, checkpoint_every=resources.checkpoint_every)
+    loop_config = {
+        "data_fn": data_fn,
+        "velocity": velocity,
+        "train": train,
+        "threads": resources.torch_threads or resources.cpus_per_worker,
+    }
+    trainer = _torch_trainer(loop_config, resources, storage_uri, run_name, snapshot_every)
+    return _fit_result(trainer.fit(), run_name, snapshot_every)
+
+
+def _torch_trainer(
+    loop_config: dict[str, Any],
+    resources: ResourcesSection,
+    storage_uri: str,
+    run_name: str,
+    snapshot_every: int | None,
+) -> Any:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
     per_worker = {"CPU": resources.cpus_per_worker}
     if resources.use_gpu:
         per_worker["GPU"] = 1
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_worker,
-        train_loop_config={
-            "data_fn": data_fn,
-            "velocity": velocity,
-            "train": train,
-            "threads": resources.torch_threads or resources.cpus_per_worker,
-        },
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.num_workers,
             use_gpu=resources.use_gpu,
@@ -126,7 +138,10 @@ def fit_velocity(
             ),
         ),
     )
-    result = trainer.fit()
+
+
+def _fit_result(result: Any, run_name: str, snapshot_every: int | None) -> FitResult:
+    """The EMA weights of the run's last checkpoint (and of every kept one, as snapshots)."""
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {run_name} finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:

@@ -42,6 +42,7 @@ from lfm_core.velocity import VelocityConfig
 from orchestrator.cache import StageCache, StageRef
 from orchestrator.schema import CHOSEN_T_SPLIT
 from orchestrator.stage_keys import FULL_SUBSET
+from orchestrator.trainers import FitJob
 
 if TYPE_CHECKING:
     from orchestrator.stages import StageGraph
@@ -185,7 +186,7 @@ def build_fm_model(graph: StageGraph, ref: StageRef, folder: Path) -> None:
     data_fn = functools.partial(
         load_training_data, graph.cache, latents_ref, subset_ref, inputs["conditional"]
     )
-    result = graph.execution.trainer.fit(
+    job = FitJob(
         data_fn,
         velocity,
         train,
@@ -193,6 +194,7 @@ def build_fm_model(graph: StageGraph, ref: StageRef, folder: Path) -> None:
         run_name=f"fm_model-{ref.key[:16]}",
         snapshot_every=inputs.get("snapshot_every"),
     )
+    result = graph.execution.trainer.fit(job)
     save_velocity(folder, result.ema, {"train": asdict(train)})
     info: dict[str, Any] = {"train_" + k: v for k, v in result.metrics.items()}
     for snapshot in result.snapshots:

@@ -53,21 +53,32 @@ class FitResult:
     snapshots: list[Snapshot] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class FitJob:
+    """One model to train.
+
+    Attributes:
+        data_fn: returns (latents (N, C, H, W), labels (N,) or None) on each worker.
+        velocity: the network, built from train.seed alone (identical on every rank).
+        train: the optimisation settings; train.batch_size is the global batch.
+        num_workers: data-parallel workers (each draws its own batches: part of the model's key).
+        run_name: names the run; a rerun with the same name may resume it.
+        snapshot_every: also keep the EMA weights every this many steps (None: none).
+    """
+
+    data_fn: DataFn
+    velocity: VelocityConfig
+    train: TrainConfig
+    num_workers: int
+    run_name: str
+    snapshot_every: int | None = None
+
+
 class Trainer(Protocol):
     """Trains one velocity network and returns its EMA weights."""
 
-    def fit(
-        self,
-        data_fn: DataFn,
-        velocity: VelocityConfig,
-        train: TrainConfig,
-        num_workers: int,
-        run_name: str,
-        snapshot_every: int | None = None,
-    ) -> FitResult:
-        """Train `velocity` (seeded with train.seed) on data_fn()'s latents with `num_workers`
-        data-parallel workers; `run_name` names the run (a rerun with it may resume); keep the
-        EMA weights every `snapshot_every` steps."""
+    def fit(self, job: FitJob) -> FitResult:
+        """Train the job's network and return its EMA weights (and snapshots when asked)."""
         ...
 
 
@@ -84,24 +95,16 @@ class InProcessTrainer:
 
     progress: bool = False
 
-    def fit(
-        self,
-        data_fn: DataFn,
-        velocity: VelocityConfig,
-        train: TrainConfig,
-        num_workers: int,
-        run_name: str,
-        snapshot_every: int | None = None,
-    ) -> FitResult:
-        if num_workers != 1:
+    def fit(self, job: FitJob) -> FitResult:
+        if job.num_workers != 1:
             raise ConfigError(
-                f"resources.num_workers: the in-process trainer runs 1 worker, {run_name} asks "
-                f"for {num_workers}; use the Ray trainer or set resources.num_workers=1"
+                f"resources.num_workers: the in-process trainer runs 1 worker, {job.run_name} "
+                f"asks for {job.num_workers}; use the Ray trainer or set resources.num_workers=1"
             )
-        latents, labels = data_fn()
-        model = seeded_velocity(velocity, train.seed)
-        if snapshot_every:
-            train = replace(train, checkpoint_every=snapshot_every)
+        latents, labels = job.data_fn()
+        model = seeded_velocity(job.velocity, job.train.seed)
+        snapshot_every = job.snapshot_every
+        train = replace(job.train, checkpoint_every=snapshot_every) if snapshot_every else job.train
         times: dict[int, float] = {}
         started = time.perf_counter()
 
@@ -148,18 +151,16 @@ class RayTrainer:
     resources: ResourcesSection
     storage_uri: str
 
-    def fit(
-        self,
-        data_fn: DataFn,
-        velocity: VelocityConfig,
-        train: TrainConfig,
-        num_workers: int,
-        run_name: str,
-        snapshot_every: int | None = None,
-    ) -> FitResult:
+    def fit(self, job: FitJob) -> FitResult:
         from orchestrator.ray_train import fit_velocity
 
-        resources = replace(self.resources, num_workers=num_workers)
+        resources = replace(self.resources, num_workers=job.num_workers)
         return fit_velocity(
-            data_fn, velocity, train, resources, self.storage_uri, run_name, snapshot_every
+            job.data_fn,
+            job.velocity,
+            job.train,
+            resources,
+            self.storage_uri,
+            job.run_name,
+            job.snapshot_every,
         )

@@ -31,7 +31,7 @@ from orchestrator.stage_builders import load_training_data
 from orchestrator.stages import StageGraph
 from orchestrator.storage import Storage
 from orchestrator.sweep import SweepOutcome, cache_for, can_resume, run_sweep
-from orchestrator.trainers import InProcessTrainer
+from orchestrator.trainers import FitJob, InProcessTrainer
 from orchestrator.trials import expand_trials
 
 pytestmark = pytest.mark.integration
@@ -122,7 +122,7 @@ def test_ray_train_and_the_in_process_trainer_train_the_same_model(
         width=ref.inputs["width"],
     )
     train = TrainConfig(**ref.inputs["train"])
-    in_process = InProcessTrainer().fit(data, velocity, train, 1, "check").ema.state_dict()
+    in_process = InProcessTrainer().fit(FitJob(data, velocity, train, 1, "check")).ema.state_dict()
     assert by_ray.keys() == in_process.keys()
     assert all(torch.equal(by_ray[name], in_process[name]) for name in by_ray)
 
