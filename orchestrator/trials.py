@@ -47,7 +47,8 @@ class Trial:
         return f"{self.study}-f{self.data_fraction:g}-{self.criterion}-w{width}-t{t_split}-s{self.seed}"
 
     def to_dict(self) -> dict[str, Any]:
-        """The trial as plain values (Tune's param space, MLflow params)."""
+        """The trial as plain values (Tune's param space; `Trial(**d)` rebuilds it). Its MLflow
+        params are `orchestrator.schema.trial_params`'s."""
         return asdict(self)
 
 
