@@ -123,6 +123,10 @@ class FeaturesSection:
     fid: ExtractorSection = field(default_factory=ExtractorSection)
     stability: ExtractorSection = field(default_factory=ExtractorSection)
     batch_size: int = 256
+    # FID reference: an .npz of (mu, sigma) of the fid extractor's features (ADM's
+    # VIRTUAL_imagenet256_labeled.npz and torch-fidelity's files have this form; `lfm stats`
+    # writes one); None: the held-out split's features.
+    fid_stats: str | None = None
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,9 @@ class SamplingSection:
             whose samples keep a mean same-seed cosine similarity (stability features) of at
             least 1 - t_split_budget to the fine model's own samples.
         t_split_calibration: calibration seeds (the first ones) behind that choice.
+        workers: processes that sample a stage's seeds side by side (Ray tasks when more than
+            one; GPU tasks with resources.use_gpu). Each sample depends on its seed alone, so
+            the samples are the same bits for any number of workers: not part of any key.
     """
 
     steps: int = 20
@@ -194,6 +201,7 @@ class SamplingSection:
     timing_repeats: int = 3
     t_split_budget: float = 0.05
     t_split_calibration: int = 64
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -514,7 +522,14 @@ def validate(cfg: SweepConfig) -> None:
     _check_positive("scoring.num_clusters", cfg.scoring.num_clusters, optional=True)
     for key in ("probe_steps", "num_noise", "batch_size"):
         _check_positive(f"scoring.{key}", getattr(cfg.scoring, key))
-    for key in ("steps", "num_samples", "batch_size", "timing_repeats", "t_split_calibration"):
+    for key in (
+        "steps",
+        "num_samples",
+        "batch_size",
+        "timing_repeats",
+        "t_split_calibration",
+        "workers",
+    ):
         _check_positive(f"sampling.{key}", getattr(cfg.sampling, key))
     check_range("sampling.t_split_budget", cfg.sampling.t_split_budget, 0.0, 1.0)
     if cfg.sampling.num_samples < 2:
@@ -575,12 +590,18 @@ def check_local_paths(cfg: SweepConfig) -> None:
         ConfigError: data.root, a pretrained autoencoder folder or an extractor path that is
             given as a local path but does not exist.
     """
-    paths = {"data.root": cfg.data.root, "autoencoder.pretrained": cfg.autoencoder.pretrained}
+    paths = {
+        "data.root": cfg.data.root,
+        "autoencoder.pretrained": cfg.autoencoder.pretrained,
+        "features.fid_stats": cfg.features.fid_stats,
+    }
     for role in ("clustering", "fid", "stability"):
         paths[f"features.{role}.path"] = getattr(cfg.features, role).path
     for key, value in paths.items():
         # Hub ids ("org/name") are checked when loaded; only local-looking paths are checked here.
-        if value is None or not (key == "data.root" or value.startswith(LOCAL_PATH_PREFIXES)):
+        if value is None or not (
+            key in ("data.root", "features.fid_stats") or value.startswith(LOCAL_PATH_PREFIXES)
+        ):
             continue
         if not Path(value).expanduser().exists():
             raise ConfigError(f"{key}: {value!r} does not exist on this machine")
