@@ -99,6 +99,36 @@ class ReferenceStats:
         tensors = load_file(str(path))
         return cls(tensors["mu"], tensors["sigma"], int(tensors["n"]))
 
+    def save_npz(self, path: str | Path) -> None:
+        """Write mu and sigma as an .npz (the layout of ADM's and torch-fidelity's files)."""
+        np.savez(str(path), mu=self.mu.numpy(), sigma=self.sigma.numpy(), n=np.int64(self.n))
+
+    @classmethod
+    def load_npz(cls, path: str | Path) -> ReferenceStats:
+        """Read an .npz holding `mu` (D,) and `sigma` (D, D); `n` when present, else 0.
+
+        Raises:
+            ConfigError: a missing file, missing keys or shapes that do not match.
+        """
+        if not Path(path).is_file():
+            raise ConfigError(f"reference stats: file {str(path)!r} does not exist")
+        with np.load(str(path), allow_pickle=False) as data:
+            missing = [key for key in ("mu", "sigma") if key not in data.files]
+            if missing:
+                raise ConfigError(
+                    f"reference stats {str(path)!r}: no {' or '.join(missing)} array "
+                    f"(it holds {', '.join(data.files) or 'nothing'})"
+                )
+            mu = torch.from_numpy(np.asarray(data["mu"], dtype=np.float64)).reshape(-1)
+            sigma = torch.from_numpy(np.asarray(data["sigma"], dtype=np.float64))
+            n = int(data["n"]) if "n" in data.files else 0
+        if sigma.shape != (mu.numel(), mu.numel()):
+            raise ConfigError(
+                f"reference stats {str(path)!r}: sigma {tuple(sigma.shape)} does not match mu "
+                f"({mu.numel()},)"
+            )
+        return cls(mu, sigma, n)
+
     @classmethod
     def cached(cls, path: str | Path, compute_features: Callable[[], Tensor]) -> ReferenceStats:
         """Load the stats from ``path``, or compute them from ``compute_features()`` and save."""

@@ -32,14 +32,16 @@ from lfm_core.autoencoder import (
 from lfm_core.checkpoint import save_velocity
 from lfm_core.coarse_to_fine import choose_t_split
 from lfm_core.criteria import labels_needed, per_sample_scores, select
+from lfm_core.errors import ConfigError
 from lfm_core.features import build_feature_extractor
 from lfm_core.flops import flop_speedup_bound, forward_flops
 from lfm_core.metrics import ReferenceStats, fid, precision_recall, stability
-from lfm_core.sampling import guided, sample_seeds, seed_labels, time_against_reference
+from lfm_core.sampling import guided, seed_labels, time_against_reference
 from lfm_core.solvers import seeded_noise
 from lfm_core.train import TrainConfig
 from lfm_core.velocity import VelocityConfig
 from orchestrator.cache import StageCache, StageRef
+from orchestrator.sample_workers import sample_stage, stack
 from orchestrator.schema import CHOSEN_T_SPLIT
 from orchestrator.stage_keys import FULL_SUBSET
 from orchestrator.trainers import FitJob
@@ -47,7 +49,6 @@ from orchestrator.trainers import FitJob
 if TYPE_CHECKING:
     from orchestrator.stages import StageGraph
 
-GRID_IMAGES = 64
 # Same-seed pairs shuffled with this seed give the "unrelated" stability baseline.
 UNRELATED_SEED = 0
 # Files of the stages (each tensor file holds the named tensors).
@@ -55,7 +56,8 @@ LATENTS_FILE = "latents.safetensors"  # latents (N, c, h, w), labels (N,)
 FEATURES_FILE = "features.safetensors"  # features (N, D)
 INDICES_FILE = "indices.safetensors"  # indices (n,)
 SCORES_FILE = "scores.safetensors"  # scores (N,)
-SAMPLES_FILE = "samples.safetensors"  # latents, grid, features_fid, features_stability[, labels]
+SAMPLES_FILE = "samples.safetensors"  # grid, features_fid, features_stability[, latents, labels]
+STATS_FILE = "stats.npz"  # mu (D,), sigma (D, D), n
 METRICS_FILE = "metrics.json"
 INFO_FILE = "info.json"
 SNAPSHOTS_DIR = "snapshots"
@@ -216,27 +218,26 @@ def _seeds(inputs: Any, count: int) -> list[int]:
 
 
 def build_samples(graph: StageGraph, ref: StageRef, folder: Path) -> None:
-    up, inputs, progress = ref.upstream, ref.inputs, graph.execution.progress
-    coarse = graph.load_model(up["model"])
-    fine = graph.load_model(up["fine"]) if "fine" in up else coarse
-    seeds = _seeds(inputs, inputs["num_samples"])
-    t_split = 1.0 if inputs["t_split"] is None else inputs["t_split"]
-    sampled = sample_seeds(coarse, fine, seeds, t_split, graph.sampler(inputs))
-    images = decode(graph.load_autoencoder(up["autoencoder"]), sampled.latents, progress=progress)
-    tensors = {"latents": sampled.latents, "grid": images[:GRID_IMAGES]}
-    for role in ("fid", "stability"):
-        extractor = graph.load_extractor(up[f"{role}_extractor"])
-        tensors[f"features_{role}"] = extractor(images, progress=progress)
-    if sampled.labels is not None:
-        tensors["labels"] = sampled.labels
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / SAMPLES_FILE))
+    results = sample_stage(graph, ref)
+    save_file(stack(results), str(folder / SAMPLES_FILE))
+    first = ref.inputs["first_seed"]
     info = {
-        "seconds": sampled.seconds,
-        "nfe_coarse": sampled.nfe_coarse,
-        "nfe_fine": sampled.nfe_fine,
-        "seeds": [seeds[0], seeds[-1]],
+        "seconds": sum(r.seconds for r in results),
+        "nfe_coarse": sum(r.nfe_coarse for r in results),
+        "nfe_fine": sum(r.nfe_fine for r in results),
+        "seeds": [first, first + ref.inputs["num_samples"] - 1],
     }
     write_json(folder / INFO_FILE, info)
+
+
+def build_reference_stats(graph: StageGraph, ref: StageRef, folder: Path) -> None:
+    if "npz" in ref.inputs:
+        stats = ReferenceStats.load_npz(ref.inputs["npz"])
+    else:
+        heldout = graph.tensors(ref.upstream["features"], FEATURES_FILE)["features"]
+        stats = ReferenceStats.from_features(heldout)
+    stats.save_npz(folder / STATS_FILE)
+    write_json(folder / INFO_FILE, {"n": stats.n, "dim": int(stats.mu.numel())})
 
 
 def build_t_split_choice(graph: StageGraph, ref: StageRef, folder: Path) -> None:
@@ -300,7 +301,12 @@ def build_metrics(graph: StageGraph, ref: StageRef, folder: Path) -> None:
     model_samples = graph.load_samples(up["model_samples"])
     reference_samples = graph.load_samples(up["reference_samples"])
     heldout = graph.tensors(up["heldout_features"], FEATURES_FILE)["features"]
-    stats = ReferenceStats.from_features(heldout)
+    stats = graph.reference_stats(up["reference_stats"])
+    if stats.mu.numel() != samples["features_fid"].shape[1]:
+        raise ConfigError(
+            f"features.fid_stats: the reference has {stats.mu.numel()}-d features, the fid "
+            f"extractor gives {samples['features_fid'].shape[1]}-d ones"
+        )
     precision, recall = precision_recall(heldout, samples["features_fid"])
     result = stability(
         reference_samples["features_stability"], samples["features_stability"], seed=UNRELATED_SEED
@@ -338,6 +344,7 @@ BUILDERS: dict[str, Builder] = {
     "scores": build_scores,
     "fm_model": build_fm_model,
     "samples": build_samples,
+    "reference_stats": build_reference_stats,
     "t_split_choice": build_t_split_choice,
     "timing": build_timing,
     "metrics": build_metrics,

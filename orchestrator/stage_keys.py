@@ -15,6 +15,7 @@ extraction, sampling and scoring, threads, the trainer) live in `orchestrator.st
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ VERSIONS = {
     "fm_model": "1",
     "samples": "1",
     "t_split_choice": "1",
+    "reference_stats": "1",
     "timing": "1",
     "metrics": "1",
 }
@@ -218,6 +220,23 @@ def timing(
     return _ref("timing", inputs, {"model": model, "reference": ref_model})
 
 
+def reference_stats(cfg: SweepConfig) -> StageRef:
+    """Gaussian statistics (mu, sigma) of the FID reference features: the held-out split's,
+    or those of the `features.fid_stats` .npz (its path and content hash in the key)."""
+    if cfg.features.fid_stats is not None:
+        path = Path(cfg.features.fid_stats).expanduser().resolve()
+        return _ref("reference_stats", {"npz": str(path), "sha256": _sha256(path)})
+    return _ref("reference_stats", {}, {"features": data_features(cfg, "fid", "heldout")})
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class TrialRefs:
     """The stages behind one trial's metrics.
@@ -255,6 +274,7 @@ def trial(cfg: SweepConfig, point: Trial) -> TrialRefs:
         "model_samples": model_samples,
         "reference_samples": reference_samples,
         "heldout_features": data_features(cfg, "fid", "heldout"),
+        "reference_stats": reference_stats(cfg),
         "timing": timing(cfg, model, ref_model, point.t_split),
     }
     if point.t_split is not None:

@@ -25,6 +25,7 @@ from lfm_core.autoencoder import load_autoencoder
 from lfm_core.checkpoint import load_velocity
 from lfm_core.data import ImageDataset, load_dataset
 from lfm_core.features import FeatureExtractor, build_feature_extractor
+from lfm_core.metrics import ReferenceStats
 from lfm_core.sampling import SamplerSettings
 from lfm_core.velocity import VelocityModel
 from orchestrator import stage_keys
@@ -34,6 +35,7 @@ from orchestrator.stage_builders import (
     BUILDERS,
     METRICS_FILE,
     SAMPLES_FILE,
+    STATS_FILE,
     read_info,
     snapshot_folder,
 )
@@ -59,6 +61,7 @@ class Execution:
         progress: show tqdm bars.
         feature_batch_size, sample_batch_size, score_batch_size: images per feature-extractor
             call, seeds per sampling batch, samples per scoring batch.
+        sample_workers: processes that sample a samples stage side by side.
     """
 
     trainer: Trainer
@@ -67,6 +70,7 @@ class Execution:
     feature_batch_size: int
     sample_batch_size: int
     score_batch_size: int
+    sample_workers: int = 1
 
     @classmethod
     def of(cls, cfg: SweepConfig, trainer: Trainer, progress: bool = True) -> Execution:
@@ -78,6 +82,7 @@ class Execution:
             feature_batch_size=cfg.features.batch_size,
             sample_batch_size=cfg.sampling.batch_size,
             score_batch_size=cfg.scoring.batch_size,
+            sample_workers=cfg.sampling.workers,
         )
 
 
@@ -142,6 +147,10 @@ class StageGraph:
     def load_samples(self, ref: StageRef) -> dict[str, Tensor]:
         """The tensors of a samples stage: latents, grid, features_fid, features_stability, labels."""
         return self.tensors(ref, SAMPLES_FILE)
+
+    def reference_stats(self, ref: StageRef) -> ReferenceStats:
+        """The FID reference statistics of a reference_stats stage."""
+        return ReferenceStats.load_npz(self.get(ref) / STATS_FILE)
 
     def split(self, dataset: StageRef, split: str) -> ImageDataset:
         """One split ("train" / "heldout") of a dataset stage, cut to its limit."""
