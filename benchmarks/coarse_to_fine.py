@@ -15,8 +15,9 @@ splits the gap to it in two: the forward-time bound (the same formula with each 
 measured forward time in place of its FLOPs; below the FLOP bound when the small model runs at
 fewer FLOP/s) and solver/dispatch overhead (measured time beyond the forwards' time).
 
-    python -m benchmarks.coarse_to_fine [--tiny] [--pairs 64:256 96:256] [--t-splits 0.7 0.8]
-        [--train-steps 800] [--sampling-steps 60] [--stages-overrides key=value ...]
+    python -m benchmarks.coarse_to_fine [--tiny] [--dry-run] [pairs=[64:256,96:256]]
+        [t_splits=[0.7,0.8]] [train.steps=800] [sampling.steps=60]
+        ["stages.overrides=['autoencoder.epochs=2']"]
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Shared plumbing of the benchmarks: command lines from frozen configs, the stage graph every
-benchmark builds its artefacts through, the machine's description and one result recorder.
+"""Shared plumbing of the benchmarks: command lines (`key=value` overrides of frozen configs), the
+stage graph every benchmark builds its artefacts through, the machine's description and one
+result recorder.
 
 Every artefact (autoencoder, latents, feature extractors and features, subsets, scores, trained
 models, samples) is a stage of `orchestrator.stages.StageGraph`, keyed by `orchestrator.stage_keys`
@@ -21,8 +22,6 @@ import os
 import platform
 import statistics
 import time
-import types
-import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -41,7 +40,7 @@ from lfm_core.sampling import sample_seeds
 from lfm_core.velocity import VelocityModel
 from orchestrator import stage_keys
 from orchestrator.cache import StageRef
-from orchestrator.config import SweepConfig, load_sweep, validate
+from orchestrator.config import SweepConfig, apply_overrides, load_sweep, validate
 from orchestrator.stage_builders import FEATURES_FILE, INDICES_FILE, LATENTS_FILE
 from orchestrator.stages import StageGraph
 from orchestrator.sweep import cache_for
@@ -51,7 +50,6 @@ BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 CACHE_DIR = RESULTS_DIR / ".cache"
 BASE_SWEEP = BENCH_DIR / "embedded.yaml"
-NONE_WORDS = ("none", "null")
 BYTES_PER_GIB = 2**30
 # The embedded data at toy size: 256 / 128 digits, a small autoencoder trained one epoch.
 TINY_OVERRIDES = (
@@ -321,82 +319,31 @@ class Embedded:
         return fid(self.extractor(self.images(latents)), self.reference)
 
 
-# ---- command lines from frozen dataclasses ----------------------------------------------------
-
-
-def _optional_of(hint: Any) -> Any | None:
-    """X for a hint `X | None`, else None."""
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(hint)) == 2:
-            return args[0]
-    return None
-
-
-def _optional_parser(kind: type) -> Any:
-    def parse(text: str) -> Any:
-        return None if text.lower() in NONE_WORDS else kind(text)
-
-    parse.__name__ = f"{kind.__name__} or none"
-    return parse
-
-
-def _add_fields(parser: argparse.ArgumentParser, obj: Any, prefix: str) -> None:
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value, hint, dest = getattr(obj, f.name), hints[f.name], prefix + f.name
-        if dataclasses.is_dataclass(value):
-            _add_fields(parser, value, f"{dest}_")
-            continue
-        flag = "--" + dest.replace("_", "-")
-        if hint is bool:
-            parser.add_argument(
-                flag, dest=dest, default=value, action=argparse.BooleanOptionalAction
-            )
-        elif typing.get_origin(hint) is tuple:
-            kind = typing.get_args(hint)[0]
-            parser.add_argument(flag, dest=dest, default=value, type=kind, nargs="*")
-        elif (inner := _optional_of(hint)) is not None:
-            parser.add_argument(flag, dest=dest, default=value, type=_optional_parser(inner))
-        else:
-            parser.add_argument(flag, dest=dest, default=value, type=hint)
-
-
-def _build(obj: C, args: dict[str, Any], prefix: str) -> C:
-    values = {}
-    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            values[f.name] = _build(value, args, f"{prefix}{f.name}_")
-        else:
-            given = args[prefix + f.name]
-            values[f.name] = tuple(given) if isinstance(given, list) else given
-    return dataclasses.replace(obj, **values)  # type: ignore[type-var]
+# ---- command lines ----------------------------------------------------------------------------
 
 
 def parse_config(
     default: C, tiny: C, argv: list[str] | None, prog: str, description: str
 ) -> tuple[C, bool]:
-    """A config from the command line: every field is a flag (nested ones prefixed), starting from
-    the full-scale default or, with --tiny, from the tiny preset.
+    """A config from the command line: `key=value` overrides (orchestrator.config's parser:
+    dotted keys into nested sections, YAML values) of the full-scale default or, with
+    --tiny, of the tiny preset.
 
     Returns:
         (config, dry_run).
     """
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--tiny", action="store_true")
-    known, _ = pre.parse_known_args(argv)
-    base = tiny if known.tiny else default
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--tiny", action="store_true", help="start from the tiny smoke-test scale")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
-    _add_fields(parser, base, "")
-    args = vars(parser.parse_args(argv))
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. train.steps=800 pairs=[64:256]"
+    )
+    args = parser.parse_args(argv)
     try:
-        return _build(base, args, ""), bool(args["dry_run"])
+        cfg = apply_overrides(tiny if args.tiny else default, args.overrides)
     except ConfigError as err:
         parser.exit(2, f"{prog}: error: {err}\n")
-        raise  # unreachable: parser.exit raises SystemExit
+    return cfg, bool(args.dry_run)
 
 
 def print_config(cfg: Any) -> None:

@@ -16,7 +16,7 @@
    full-data model's own time to that level. The coarse model of benchmarks.coarse_to_fine is
    the same full-data stage (same settings), so whichever runs second trains nothing for it.
 
-    python -m benchmarks.data_reduction [--tiny] [--fractions 0.5 0.25] [--criteria random]
+    python -m benchmarks.data_reduction [--tiny] [--dry-run] [fractions=[0.5,0.25]] [criteria=[random]]
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 # runs benchmarks.coarse_to_fine: same seeds, interleaved rounds, median speedup, FLOP bound,
 # FID per seed set. Sized for about 6 minutes on one H100 (budget: 8); not yet run on a GPU.
 #
-#   benchmarks/gpu.sh [--device cuda|cpu] [--tiny] [--out DIR] [-- extra coarse_to_fine flags]
+#   benchmarks/gpu.sh [--device cuda|cpu] [--tiny] [--out DIR] [-- extra coarse_to_fine key=value ...]
 #
 # --device cpu --tiny is the smoke path (seconds, any machine). Results: DIR/coarse_to_fine.json
 # (default benchmarks/results/gpu), with the device named in its "machine" block.
@@ -55,13 +55,13 @@ if [ "$tiny" = 1 ]; then
     scale=(--tiny)
 else
     scale=(
-        --model dit-s --pairs 384:768
-        --stages-overrides "autoencoder.block_out_channels=[32,64]"
-        --train-steps 2000 --train-batch-size 256 --train-lr 3e-4 --train-ema-decay 0.995
-        --train-mixed-precision bf16
-        --snapshot-every none --t-splits 0.5 0.7 0.8 0.9 --sampling-steps 60
-        --sampling-num-samples 4000 --seed-sets 2 --sampling-batch-size 1000
+        model=dit-s "pairs=[384:768]"
+        "stages.overrides=['autoencoder.block_out_channels=[32,64]']"
+        train.steps=2000 train.batch_size=256 train.lr=3e-4 train.ema_decay=0.995
+        train.mixed_precision=bf16 snapshot_every=null
+        "t_splits=[0.5,0.7,0.8,0.9]" sampling.steps=60
+        sampling.num_samples=4000 seed_sets=2 sampling.batch_size=1000
     )
 fi
-"$py" -m benchmarks.coarse_to_fine "${scale[@]}" --device "$device" --out "$out" "${extra[@]}"
+"$py" -m benchmarks.coarse_to_fine "${scale[@]}" "device=$device" "out=$out" "${extra[@]}"
 echo "results: $out/coarse_to_fine.json"

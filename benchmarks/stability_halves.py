@@ -11,7 +11,7 @@ show how much of the similarity survives without shared seeds. Features: the FID
 (the samples stages' `features_fid`) and raw pixels. The FID of each model and a same-seed grid
 (rows A, B, B') are written too.
 
-    python -m benchmarks.stability_halves [--tiny] [--train-steps 2000] [--model-name unet-s]
+    python -m benchmarks.stability_halves [--tiny] [--dry-run] [train.steps=2000] [model.name=unet-s]
 """
 
 from __future__ import annotations

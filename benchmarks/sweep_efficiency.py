@@ -9,7 +9,7 @@ top of the work itself, or, when trials run side by side, what concurrency saves
 same sweep then runs again under a new name on the same storage: every stage must come from
 the cache (`rerun_builds` = 0), and its wall time is the pure orchestration cost.
 
-    python -m benchmarks.sweep_efficiency [--tiny] [--overrides train.steps=100 ...]
+    python -m benchmarks.sweep_efficiency [--tiny] [--dry-run] [overrides=[train.steps=100]]
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ accelerate set-up, the first slow steps, the final checkpoint) cancel. The time 
 the worker's own `elapsed_s`; Ray's start-up (`ray.init`) and each fit's fixed overhead (fit
 wall-clock minus the worker's elapsed time) are reported apart.
 
-    python -m benchmarks.train_throughput [--tiny] [--model-width 128] [--long-steps 250]
+    python -m benchmarks.train_throughput [--tiny] [--dry-run] [model.width=128] [long_steps=250]
 """
 
 from __future__ import annotations
