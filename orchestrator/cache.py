@@ -6,17 +6,33 @@ values) and the refs of the stages it reads. Its key is the sha256 of the canoni
 
 Layout under the storage root::
 
-    cache/<stage>/<key>/...files...   the artefacts (safetensors, JSON, checkpoints)
+    cache/<stage>/<key>/...files...   local storage: the artefacts (safetensors, JSON, ...)
+    cache/<stage>/<key>/<build>/...   S3: the artefacts of one build, in a folder of its own
     cache/<stage>/<key>/_COMPLETE     written last: a folder without it is not an entry; it
-                                      holds the ref and its manifest (each file's size)
-    cache/_records/<stage>-<key>-<ns>-<pid>.json   one build record per build
+                                      holds the ref, its manifest (each file's size, relative to
+                                      the entry) and, on S3, the name of its build folder
+    cache/_leases/<stage>-<key>.json  the build lease while a build runs (`orchestrator.locks`)
+    cache/_records/<stage>-<key>-<ns>-<pid>.json   one build record per published build
 
-When several processes need the same entry, the holder of the build lease (`orchestrator.locks`)
-builds it and the others poll for `_COMPLETE` until a bounded timeout.
+When several processes need the same entry, the holder of its build lease builds it and the
+others poll for `_COMPLETE` for as long as the holder renews its lease (`locks.acquire_or_wait`).
+
+Why a reader never sees a half-made or half-replaced entry:
+- A complete entry is never deleted or rewritten; only an entry without `_COMPLETE` is built.
+- Locally, the build is written into a scratch folder next to the entry, renamed into place
+  (atomic) and then marked, all under the flock lease, which the kernel holds for exactly as long
+  as its holder lives: no two builders ever write one entry.
+- On S3 a lease can be taken over from a holder that looks dead but is not (a long network
+  partition), so two builders may overlap; each uploads into its own build folder, and the
+  marker is created with ``If-None-Match: *``: the first marker wins, is never overwritten, and
+  names the one folder whose files it lists. The loser discards its build. Folders that no
+  marker names are deleted only after the marker exists, so no file a marker lists is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -26,26 +42,26 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from orchestrator.locks import build_lease
+from orchestrator.locks import LEASE_TTL_S, acquire_or_wait, storage_lease
 from orchestrator.storage import Storage
 
 log = logging.getLogger(__name__)
 
 CACHE_DIR = "cache"
 RECORDS_DIR = f"{CACHE_DIR}/_records"
-LOCKS_DIR = f"{CACHE_DIR}/_locks"
 COMPLETE = "_COMPLETE"
 MANIFEST_KEY = "files"
+FOLDER_KEY = "folder"
 LOCAL_CACHE_ENV = "LFM_LOCAL_CACHE"
-# Waiting for another process's build: FM training can take hours on a real cluster.
-DEFAULT_WAIT_TIMEOUT_S = 6 * 3600.0
 DEFAULT_POLL_S = 1.0
+MB = 1e6
 
 BuildFn = Callable[[Path], None]
 
@@ -107,35 +123,81 @@ def manifest(folder: Path) -> dict[str, int]:
     }
 
 
+class _Progress:
+    """What a running build has done so far, for its lease record."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.folder: Path | None = None
+
+    def __call__(self) -> str:
+        if self.text or self.folder is None:
+            return self.text
+        try:
+            sizes = [p.stat().st_size for p in self.folder.rglob("*") if p.is_file()]
+        except OSError:  # a file moved while the build writes
+            return ""
+        return f"{len(sizes)} files, {sum(sizes) / MB:.1f} MB written"
+
+
+_CURRENT: ContextVar[_Progress | None] = ContextVar("lfm_build_progress", default=None)
+
+
+def report_progress(text: str) -> None:
+    """Record the running build's progress (e.g. "step 1200/3200"); waiters on its lease see it.
+
+    A no-op outside a build. Without it a build's progress is the size of what it has written.
+    """
+    current = _CURRENT.get()
+    if current is not None:
+        current.text = text
+
+
+@contextlib.contextmanager
+def _flocked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def default_local_root() -> Path:
     """Where entries of a remote (S3) cache are mirrored on this machine."""
     return Path(os.environ.get(LOCAL_CACHE_ENV, Path(tempfile.gettempdir(), "lfm-cache")))
 
 
 class StageCache:
-    """Get-or-build of stage entries, shared safely by concurrent processes.
+    """Get-or-build of stage entries, shared safely by concurrent processes, sweeps and clusters.
 
     Args:
         storage: the storage root (local folder or S3).
         local_root: this machine's mirror of remote entries and its build scratch space.
-        wait_timeout_s: how long to wait for an entry another process is building.
+        wait_timeout_s: an overall limit on waiting for an entry another process is building
+            (None: wait as long as that process renews its build lease).
         poll_s: seconds between checks while waiting.
+        lease_ttl_s: how long a build lease lives without renewal.
     """
 
     def __init__(
         self,
         storage: Storage,
         local_root: Path | None = None,
-        wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S,
+        wait_timeout_s: float | None = None,
         poll_s: float = DEFAULT_POLL_S,
+        lease_ttl_s: float = LEASE_TTL_S,
     ) -> None:
         self.storage = storage
         self.local_root = Path(local_root) if local_root is not None else default_local_root()
         self.wait_timeout_s = wait_timeout_s
         self.poll_s = poll_s
+        self.lease_ttl_s = lease_ttl_s
 
     def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
-        return (StageCache, (self.storage, self.local_root, self.wait_timeout_s, self.poll_s))
+        args = (self.storage, self.local_root, self.wait_timeout_s, self.poll_s, self.lease_ttl_s)
+        return (StageCache, args)
 
     def is_complete(self, ref: StageRef) -> bool:
         """True when the entry exists with its `_COMPLETE` marker."""
@@ -144,29 +206,27 @@ class StageCache:
     def get(self, ref: StageRef, build: BuildFn) -> Path:
         """The entry's local folder, built first by `build(folder)` unless it is complete.
 
-        `build` writes the stage's files into the empty folder it is given. Exactly one process
-        builds a missing entry; the others wait for its `_COMPLETE` marker.
+        `build` writes the stage's files into the empty folder it is given. The holder of the
+        entry's build lease builds a missing entry; the others wait for its `_COMPLETE` marker
+        while the holder renews the lease, and take the lease over (and build afresh) when it
+        goes stale.
 
         Raises:
-            TimeoutError: another process held the build lease longer than wait_timeout_s.
+            TimeoutError: the wait passed wait_timeout_s, or (`locks.LeaseStaleError`) the
+                holder stopped renewing its lease and it cannot be taken over; one line each.
         """
-        deadline = time.monotonic() + self.wait_timeout_s
-        lock_dir = self.storage.local_path(LOCKS_DIR) or self.local_root / "_locks"
-        while True:
-            if self.is_complete(ref):
-                return self.local_dir(ref)
-            with build_lease(f"{ref.stage}/{ref.key}", lock_dir) as granted:
-                if granted:
-                    # Checked again under the lease: the previous holder may just have finished.
-                    if not self.is_complete(ref):
-                        self._build(ref, build)
-                    return self.local_dir(ref)
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"stage {ref.stage} {ref.key[:12]}: another process has been building it for "
-                    f"over {self.wait_timeout_s:.0f}s; raise cache.wait_timeout_s or check that process"
-                )
-            time.sleep(self.poll_s)
+        if self.is_complete(ref):
+            return self.local_dir(ref)
+        what = f"{ref.stage} {ref.key[:12]}"
+        lease = storage_lease(self.storage, f"{ref.stage}-{ref.key}", self.lease_ttl_s)
+        done = lambda: self.is_complete(ref)  # noqa: E731
+        if acquire_or_wait(lease, done, what, self.poll_s, self.wait_timeout_s):
+            progress = _Progress()
+            with lease.hold(progress):
+                # Checked again under the lease: the previous holder may just have finished.
+                if not self.is_complete(ref):
+                    self._build(ref, build, progress)
+        return self.local_dir(ref)
 
     def local_dir(self, ref: StageRef) -> Path:
         """The local folder of a complete entry (downloaded once when the storage is remote)."""
@@ -174,10 +234,15 @@ class StageCache:
         if local is not None:
             return local
         mirror = self.local_root / ref.stage / ref.key
-        if not (mirror / COMPLETE).is_file():
-            scratch = self._scratch()
-            self.storage.download_dir(ref.rel, scratch)
-            self._move_into_place(scratch, mirror)
+        # One download per machine: processes sharing this mirror take turns.
+        with _flocked(self.local_root / f".{ref.stage}-{ref.key}.lock"):
+            if not (mirror / COMPLETE).is_file():
+                marker = self.storage.read_text(f"{ref.rel}/{COMPLETE}")
+                folder = json.loads(marker).get(FOLDER_KEY)
+                scratch = self._scratch(ref, "download")
+                self.storage.download_dir(f"{ref.rel}/{folder}" if folder else ref.rel, scratch)
+                (scratch / COMPLETE).write_text(marker)
+                self._move_into_place(scratch, mirror)
         return mirror
 
     def records(self) -> list[dict[str, Any]]:
@@ -188,55 +253,90 @@ class StageCache:
             if name.endswith(".json")
         ]
 
-    def _scratch(self) -> Path:
+    def _scratch(self, ref: StageRef, kind: str) -> Path:
         # Scratch folders sit next to their destination so the final move is a rename.
         root = self.storage.local_path(CACHE_DIR) or self.local_root
         root.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=".build-", dir=root))
+        return Path(tempfile.mkdtemp(prefix=f".{kind}-{ref.stage}-{ref.key[:16]}-", dir=root))
 
     @staticmethod
     def _move_into_place(scratch: Path, final: Path) -> None:
         final.parent.mkdir(parents=True, exist_ok=True)
+        if (final / COMPLETE).is_file():  # a complete folder is never replaced
+            shutil.rmtree(scratch)
+            return
         if final.exists():
             shutil.rmtree(final)  # leftovers of a build that died before its marker
         scratch.rename(final)
 
-    def _publish(self, ref: StageRef, scratch: Path, marker: str) -> None:
-        """Upload a built folder to remote storage, its marker last.
+    def _drop_leftovers(self, ref: StageRef) -> None:
+        """Locally, under the (kernel-held) lease: scratch folders of this entry's dead builds."""
+        root = self.storage.local_path(CACHE_DIR)
+        for old in root.glob(f".build-{ref.stage}-{ref.key[:16]}-*") if root else []:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _publish(self, ref: StageRef, scratch: Path, files: dict[str, int]) -> str | None:
+        """Upload a built folder into a build folder of its own, then create the marker once.
+
+        Returns:
+            this build's marker, or None when another build published first (ours is dropped).
 
         Raises:
             OSError: one line naming the stage and the storage (the remote did not answer
-                within pyarrow's bounded retries); the entry is left without its marker.
+                within the bounded retries); the entry is left without its marker.
         """
+        folder = uuid.uuid4().hex[:16]
+        listed = {f"{folder}/{name}": size for name, size in files.items()}
+        marker = canonical_json({**ref.describe(), FOLDER_KEY: folder, MANIFEST_KEY: listed})
+        won = True
         try:
-            self.storage.delete(ref.rel)
-            self.storage.upload_dir(scratch, ref.rel)
-            self.storage.write_text(f"{ref.rel}/{COMPLETE}", marker)
+            self.storage.upload_dir(scratch, f"{ref.rel}/{folder}")
+            if self.storage.create_if_absent(f"{ref.rel}/{COMPLETE}", marker.encode()) is None:
+                log.warning("stage %s %s: another build published first", ref.stage, ref.key[:12])
+                won, marker = False, self.storage.read_text(f"{ref.rel}/{COMPLETE}")
         except OSError as err:
             raise OSError(
                 f"stage {ref.stage} {ref.key[:12]}: storing it under {self.storage.uri_of(ref.rel)} "
                 f"failed, left incomplete: {err}"
             ) from err
+        keep = {COMPLETE, json.loads(marker)[FOLDER_KEY]}
+        try:
+            for name in set(self.storage.list(ref.rel)) - keep:
+                self.storage.delete(f"{ref.rel}/{name}")  # dead builds' folders, named by none
+        except OSError as err:
+            log.warning("stage %s: leftovers not deleted: %s", ref.stage, err)
+        return marker if won else None
 
-    def _build(self, ref: StageRef, build: BuildFn) -> None:
+    def _build(self, ref: StageRef, build: BuildFn, progress: _Progress) -> None:
         log.info("building stage %s %s", ref.stage, ref.key[:12])
         start = time.time()
-        scratch = self._scratch()
+        self._drop_leftovers(ref)
+        scratch = progress.folder = self._scratch(ref, "build")
+        token = _CURRENT.set(progress)
         try:
             build(scratch)
-            marker = canonical_json({**ref.describe(), MANIFEST_KEY: manifest(scratch)})
+            files = manifest(scratch)
+            marker = canonical_json({**ref.describe(), MANIFEST_KEY: files})
             local = self.storage.local_path(ref.rel)
             if local is not None:
                 self._move_into_place(scratch, local)
                 self.storage.write_text(f"{ref.rel}/{COMPLETE}", marker)
             else:
-                self._publish(ref, scratch, marker)
+                published = self._publish(ref, scratch, files)
+                if published is None:
+                    return  # another build's entry stands: ours is discarded, not recorded
+                marker = published
                 # The freshly built folder becomes this machine's mirror: no download needed.
                 (scratch / COMPLETE).write_text(marker)
-                self._move_into_place(scratch, self.local_root / ref.stage / ref.key)
+                with _flocked(self.local_root / f".{ref.stage}-{ref.key}.lock"):
+                    self._move_into_place(scratch, self.local_root / ref.stage / ref.key)
         finally:
+            _CURRENT.reset(token)
             if scratch.exists():
                 shutil.rmtree(scratch)
+        self._record(ref, start)
+
+    def _record(self, ref: StageRef, start: float) -> None:
         end = time.time()
         record = {
             "stage": ref.stage,

@@ -5,13 +5,20 @@ All access goes through ``pyarrow.fs.FileSystem.from_uri``, which honours ``AWS_
 atomic per file: locally a file is written under a temporary name and then renamed; an S3 object
 appears whole or not at all. Directory-level atomicity (a stage is complete only when all its
 files are there) is the cache's job: it writes a ``_COMPLETE`` marker last.
+
+Conditional writes, for build leases and markers that must be created once: on S3 through boto3
+(``If-None-Match: *`` creates only when absent; ``If-Match: <etag>`` overwrites or deletes only the
+version read), locally by hard-linking a finished temporary file (``link`` fails when the name
+exists). boto3 honours ``AWS_ENDPOINT_URL`` like pyarrow.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -21,6 +28,15 @@ import pyarrow.fs as pafs
 from lfm_core.errors import ConfigError
 
 S3_SCHEME = "s3://"
+# boto3 (conditional writes): bounded retries and timeouts, so an outage fails in seconds.
+S3_ATTEMPTS = 3
+S3_CONNECT_TIMEOUT_S = 5.0
+S3_READ_TIMEOUT_S = 20.0
+# S3 error codes that mean "the condition did not hold" (not an outage).
+_CONDITION_FAILED = frozenset(
+    {"PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404", "409", "412"}
+)
+_CLIENT_GUARD = threading.Lock()  # boto3's default session is not thread-safe
 
 
 def check_storage_uri(uri: str) -> str:
@@ -53,6 +69,7 @@ class Storage:
         if self.is_local:
             Path(self.uri).mkdir(parents=True, exist_ok=True)
         self._fs, self._root = pafs.FileSystem.from_uri(self.uri)
+        self._client: Any = None
 
     def __reduce__(self) -> tuple[type, tuple[str]]:
         return (Storage, (self.uri,))
@@ -155,3 +172,85 @@ class Storage:
             target.parent.mkdir(parents=True, exist_ok=True)
             with self._fs.open_input_stream(info.path) as stream:
                 target.write_bytes(stream.read())
+
+    def create_if_absent(self, rel: str, data: bytes) -> str | None:
+        """Create the file ``rel`` holding ``data`` unless it exists; its tag, or None if it existed.
+
+        Atomic: of several concurrent callers exactly one gets a tag, and readers see the whole
+        content or no file.
+
+        Raises:
+            OSError: the storage did not answer (one line naming the file).
+        """
+        if not self.is_local:
+            reply = self._conditional("put_object", rel, Body=data, IfNoneMatch="*")
+            return None if reply is None else str(reply["ETag"])
+        path = Path(self.uri, rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
+        tmp.write_bytes(data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return None
+        finally:
+            tmp.unlink()
+        return hashlib.sha256(data).hexdigest()
+
+    def read_tagged(self, rel: str) -> tuple[bytes, str] | None:
+        """The content of ``rel`` and its tag (S3: the ETag; locally: a sha256), or None."""
+        if not self.is_local:
+            reply = self._conditional("get_object", rel)
+            return None if reply is None else (reply["Body"].read(), str(reply["ETag"]))
+        try:
+            data = Path(self.uri, rel).read_bytes()
+        except FileNotFoundError:
+            return None
+        return data, hashlib.sha256(data).hexdigest()
+
+    def replace_if_match(self, rel: str, data: bytes, tag: str) -> str | None:
+        """S3 only: overwrite ``rel`` if it is still the version ``tag``; the new tag, or None."""
+        self._require_s3("replace_if_match")
+        reply = self._conditional("put_object", rel, Body=data, IfMatch=tag)
+        return None if reply is None else str(reply["ETag"])
+
+    def delete_if_match(self, rel: str, tag: str) -> bool:
+        """S3 only: delete ``rel`` if it is still the version ``tag``; whether it was deleted."""
+        self._require_s3("delete_if_match")
+        return self._conditional("delete_object", rel, IfMatch=tag) is not None
+
+    def _require_s3(self, what: str) -> None:
+        if self.is_local:
+            raise NotImplementedError(f"{what}: conditional overwrites need S3 ({self.uri})")
+
+    def _conditional(self, call: str, rel: str, **kwargs: Any) -> Any:
+        """One boto3 call on the object ``rel``; None when its condition did not hold."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, _, prefix = self.uri[len(S3_SCHEME) :].partition("/")
+        try:
+            return getattr(self._s3(), call)(
+                Bucket=bucket, Key=posixpath.join(prefix, rel) if prefix else rel, **kwargs
+            )
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in _CONDITION_FAILED:
+                return None
+            raise OSError(f"{self.uri_of(rel)}: {err}") from err
+        except BotoCoreError as err:
+            raise OSError(f"{self.uri_of(rel)}: {err}") from err
+
+    def _s3(self) -> Any:
+        with _CLIENT_GUARD:
+            if self._client is None:
+                import boto3
+                from botocore.config import Config
+
+                self._client = boto3.client(
+                    "s3",
+                    config=Config(
+                        retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"},
+                        connect_timeout=S3_CONNECT_TIMEOUT_S,
+                        read_timeout=S3_READ_TIMEOUT_S,
+                    ),
+                )
+            return self._client

@@ -10,7 +10,6 @@ import pytest
 
 from lfm_core.errors import ConfigError
 from orchestrator.cache import COMPLETE, StageCache, StageRef
-from orchestrator.locks import StageLocks
 from orchestrator.storage import Storage
 
 
@@ -132,19 +131,6 @@ def test_waiter_times_out_with_one_line(tmp_path: Path) -> None:
     assert "\n" not in str(err) and "another process" in str(err)
 
 
-def test_lease_table_expires_and_releases() -> None:
-    locks = StageLocks()
-    assert locks.acquire("a", "h1", ttl_s=60)
-    assert not locks.acquire("a", "h2", ttl_s=60)
-    assert locks.acquire("a", "h1", ttl_s=60)  # renewal by the holder
-    locks.release("a", "h2")  # not the holder: no effect
-    assert locks.holders() == {"a": "h1"}
-    locks.release("a", "h1")
-    assert locks.acquire("a", "h2", ttl_s=0.01)
-    time.sleep(0.02)
-    assert locks.acquire("a", "h3", ttl_s=60)  # h2's lease expired
-
-
 def test_s3_storage_and_cache_on_a_moto_server(s3_server: str, tmp_path: Path) -> None:
     storage = Storage(f"{s3_server}/sweeps/a")
     storage.write_json("x/y.json", {"v": [1, 2]})
@@ -155,7 +141,11 @@ def test_s3_storage_and_cache_on_a_moto_server(s3_server: str, tmp_path: Path) -
     ref = _ref()
     folder = cache.get(ref, lambda f: (f / "out.txt").write_text("on s3"))
     assert folder == tmp_path / "mirror" / ref.stage / ref.key
-    assert storage.list(ref.rel) == [COMPLETE, "out.txt"]
+    # The files sit in the one build folder that the marker names.
+    build_folder = storage.read_json(f"{ref.rel}/{COMPLETE}")["folder"]
+    assert storage.list(ref.rel) == sorted([COMPLETE, build_folder])
+    assert storage.list(f"{ref.rel}/{build_folder}") == ["out.txt"]
+    assert sorted(p.name for p in folder.iterdir()) == [COMPLETE, "out.txt"]
     # Another machine (an empty mirror) downloads the entry instead of building it again.
     other = StageCache(Storage(f"{s3_server}/sweeps/a"), local_root=tmp_path / "other")
     again = other.get(ref, lambda f: pytest.fail("a complete entry must not be rebuilt"))
