@@ -1,45 +1,103 @@
 """Scoring criteria for data reduction: pure functions from features / scores to kept indices.
 
-Definitions follow the paper's released code (briqr/explo-r-it-ing_lfm_stability, src/scoring):
-- clustering criteria run k-means on L2-normalised features (the paper clusters unit-norm CLIP
-  features, k = 24) and rank the points of each cluster by Euclidean distance to its centroid;
-  "cluster_*" (proportional) keeps the same fraction of every cluster, "balanced_*" the same
-  number per cluster, moving the quota of clusters that are too small to the others.
+Definitions follow the paper's released code (briqr/explo-r-it-ing_lfm_stability, src/scoring
+and src/fm_training/pruning.py); each function names the file it follows.
+- Clustering criteria run k-means on L2-normalised features (the paper clusters unit-norm CLIP
+  features, k = 24) and rank the points of each cluster by Euclidean distance to its centre.
+  `kmeans="euclidean"` (default) is scikit-learn k-means++; `kmeans="spherical"` is the paper's
+  (cosine assignment, renormalised centres, 100 iterations). One `Clustering` can serve every
+  cluster criterion of the same features, k, seed and kind (`select(..., clustering=...)`).
+- "cluster_*" (proportional) keeps the same fraction of every cluster, "balanced_*" the same
+  number per cluster. Quotas: the paper's equal_cluster computes one per-cluster share in a
+  single pass and undershoots the target when clusters are too small for it; here
+  `balanced_counts` moves the deficit of small clusters to the larger ones, so the subset has
+  exactly the asked size (a deliberate difference). The paper's kernel and k-center balanced
+  baselines (allocate_balanced_counts) fill exactly too.
+- "cluster_mid", "cluster_mix", "drop_cluster": the middle of each cluster, its nearest
+  NEAREST_MIX share plus its furthest points, whole clusters dropped (clustering.py).
 - "loss" / "grad" keep the top-k scores, i.e. the hardest examples (pruning.py's
-  score_based_ind with largest=True); scores come from `per_sample_scores`, which averages
-  over the paper's 10 interior times linspace(0, 1, 12)[1:-1] and a seeded noise bank.
-- "kcenter" is greedy farthest-first traversal (Sener & Savarese, 2018) on unit-norm features.
+  score_based_ind, largest=True); "loss_lowest" / "grad_lowest" the bottom-k (its --inverse).
+  Scores come from `per_sample_scores` (10 interior times, a seeded noise bank).
+- "kcenter" is greedy farthest-first traversal (Sener & Savarese, 2018) on unit-norm features;
+  "herding" RFF kernel herding; "balanced_kcenter" / "balanced_herding" the same inside each
+  cluster with balanced quotas (coreset.py, kernel_selection.py).
+- "class_skew" draws a seeded random subset of which a share `skew` comes from class
+  `skew_class` (the paper's gender-skewed subsets, pruning.py "female" / "male", with labels).
 Every criterion keeps exactly round(fraction * N) unique indices, returned sorted ascending.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
 import torch
-import torch.nn.functional as F
-from sklearn.cluster import KMeans
-from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
-from tqdm import tqdm
+from torch import Tensor
 
-from lfm_core.errors import ConfigError, check_choice, check_range
-from lfm_core.paths import per_sample_fm_loss
-
-CRITERIA = (
-    "random",
-    "cluster_nearest",
-    "cluster_furthest",
-    "balanced_nearest",
-    "balanced_furthest",
-    "loss",
-    "grad",
-    "kcenter",
+from lfm_core.criteria.clustering import (
+    KMEANS_KINDS,
+    KMEANS_N_INIT,
+    Clustering,
+    balanced_counts,
+    clusters,
+    compute_clustering,
+    drop_select,
+    ends_select,
+    mid_select,
+    mix_select,
+    proportional_counts,
+    spherical_kmeans,
 )
-SCORE_CRITERIA = ("loss", "grad")
-SCORE_KINDS = SCORE_CRITERIA
+from lfm_core.criteria.coreset import (
+    balanced_herding,
+    balanced_kcenter,
+    kcenter_greedy,
+    kernel_herding,
+)
+from lfm_core.criteria.scores import (
+    NORMALISATIONS,
+    NUM_SCORE_NOISE,
+    NUM_SCORE_T,
+    SCORE_KINDS,
+    interior_t_grid,
+    normalise_scores,
+    per_sample_scores,
+)
+from lfm_core.errors import ConfigError, check_choice, check_range
+
+__all__ = [
+    "CRITERIA",
+    "DEFAULT_CLASS_SKEW",
+    "DEFAULT_NUM_CLUSTERS",
+    "KMEANS_KINDS",
+    "KMEANS_N_INIT",
+    "NEAREST_MIX",
+    "NORMALISATIONS",
+    "NUM_SCORE_NOISE",
+    "NUM_SCORE_T",
+    "SCORE_CRITERIA",
+    "SCORE_KINDS",
+    "Clustering",
+    "balanced_counts",
+    "class_counts",
+    "class_skew",
+    "clusters",
+    "compute_clustering",
+    "interior_t_grid",
+    "kcenter_greedy",
+    "labels_needed",
+    "normalise_scores",
+    "per_sample_scores",
+    "proportional_counts",
+    "select",
+    "spherical_kmeans",
+    "subset_size",
+]
+
 DEFAULT_NUM_CLUSTERS = 24  # the paper's cluster_features.py default k
-KMEANS_N_INIT = 4  # k-means restarts; the best inertia wins
-NUM_SCORE_T = 10  # interior t values the paper's scores average over ("10t")
-NUM_SCORE_NOISE = 2  # noise draws per t in the paper's grad_loss_scoring.py
+NEAREST_MIX = 0.2  # clustering.py furthestnearest_cluster: rat, the nearest share of a cluster
+DEFAULT_CLASS_SKEW = 1.0  # the paper's gender subsets hold one gender only
+DEFAULT_SKEW_CLASS = 0
 
 
 def subset_size(fraction: float, n: int) -> int:
@@ -51,16 +109,13 @@ def subset_size(fraction: float, n: int) -> int:
     return total
 
 
-def _dataset_size(features: Tensor | None, scores: Tensor | None, num_samples: int | None) -> int:
-    """N, from whichever of features (N, D), scores (N,) and num_samples are given."""
+def _dataset_size(**given: Tensor | int | None) -> int:
+    """N, from whichever of features (N, D), scores (N,), num_samples, labels (N,) and
+    clustering are given (all must agree)."""
     sizes = {
-        key: size
-        for key, size in (
-            ("features", None if features is None else features.shape[0]),
-            ("scores", None if scores is None else scores.shape[0]),
-            ("num_samples", num_samples),
-        )
-        if size is not None
+        key: value if isinstance(value, int) else len(value)
+        for key, value in given.items()
+        if value is not None
     }
     if not sizes or len(set(sizes.values())) > 1:
         raise ConfigError(
@@ -69,81 +124,112 @@ def _dataset_size(features: Tensor | None, scores: Tensor | None, num_samples: i
     return next(iter(sizes.values()))
 
 
-def clusters(features: Tensor, num_clusters: int, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """k-means on unit-norm features.
-
-    Args:
-        features: (N, D). num_clusters: k. seed: k-means seed.
-
-    Returns:
-        labels (N,) int64 and each point's distance to its cluster's centroid (N,), the
-        centroid being the mean of the cluster's unit-norm features.
-    """
-    x = F.normalize(features.detach().double().cpu(), dim=1)
-    kmeans = KMeans(n_clusters=num_clusters, n_init=KMEANS_N_INIT, random_state=seed)
-    labels = torch.from_numpy(kmeans.fit_predict(x.numpy())).long()
-    sums = torch.zeros(num_clusters, x.shape[1], dtype=x.dtype).index_add_(0, labels, x)
-    centroids = sums / torch.bincount(labels, minlength=num_clusters).clamp(min=1)[:, None]
-    return labels, (x - centroids[labels]).norm(dim=1)
-
-
-def proportional_counts(sizes: Tensor, total: int) -> Tensor:
-    """Per-cluster quotas proportional to cluster sizes (K,) summing to total (largest remainder)."""
-    quota = sizes.double() * total / sizes.sum()
-    counts = quota.floor().long()
-    remainder_order = torch.argsort(quota - counts, descending=True, stable=True)
-    counts[remainder_order[: total - int(counts.sum())]] += 1
-    return counts
-
-
-def balanced_counts(sizes: Tensor, total: int) -> Tensor:
-    """Equal per-cluster quotas (differences <= 1) summing to total, capped by cluster sizes (K,).
-
-    Clusters are filled from the smallest: each takes an equal share of what is left, so the
-    deficit of a cluster too small for its share moves to the larger ones (which also get the +1s).
-    """
-    counts = torch.zeros_like(sizes)
-    remaining = total
-    order = torch.argsort(sizes, stable=True).tolist()
-    for position, cluster in enumerate(order):
-        counts[cluster] = min(int(sizes[cluster]), remaining // (len(order) - position))
-        remaining -= int(counts[cluster])
-    return counts
-
-
-def _cluster_select(
-    features: Tensor, total: int, num_clusters: int, seed: int, balanced: bool, furthest: bool
-) -> Tensor:
-    labels, distances = clusters(features, num_clusters, seed)
-    sizes = torch.bincount(labels, minlength=num_clusters)
-    counts = balanced_counts(sizes, total) if balanced else proportional_counts(sizes, total)
-    # Rank by (cluster, distance): a stable sort by distance, then by label.
-    by_distance = torch.argsort(distances, descending=furthest, stable=True)
-    ranked = by_distance[torch.argsort(labels[by_distance], stable=True)]
-    starts = torch.cumsum(sizes, 0) - sizes
-    rank_in_cluster = torch.arange(len(ranked)) - starts[labels[ranked]]
-    return ranked[rank_in_cluster < counts[labels[ranked]]]
-
-
-def kcenter_greedy(features: Tensor, total: int, seed: int = 0) -> Tensor:
-    """Greedy k-center coreset on unit-norm features (N, D): start at a seeded random point,
-    then repeatedly add the point farthest from everything chosen so far. Returns (total,)."""
-    x = F.normalize(features.detach().float().cpu(), dim=1)
-    first = int(torch.randint(x.shape[0], (1,), generator=torch.Generator().manual_seed(seed)))
-    chosen = [first]
-    min_distance = (x - x[first]).norm(dim=1)
-    for _ in range(total - 1):
-        chosen.append(int(min_distance.argmax()))
-        min_distance = torch.minimum(min_distance, (x - x[chosen[-1]]).norm(dim=1))
-    return torch.tensor(chosen, dtype=torch.long)
-
-
 def _required(criterion: str, key: str, value: Tensor | None, ndim: int) -> Tensor:
     """value, detached, or a ConfigError when a criterion's input is missing or misshapen."""
     if value is None or value.dim() != ndim:
         shape = "(N,)" if ndim == 1 else "(N, D)"
         raise ConfigError(f"criterion {criterion!r} needs {key} of shape {shape}")
     return value.detach()
+
+
+def class_skew(labels: Tensor, total: int, skew: float, skew_class: int, seed: int) -> Tensor:
+    """A seeded random subset of total samples: round(skew x total) from class skew_class (as
+    many as it has), the rest from the other classes in proportion to their sizes, any deficit
+    filled back from skew_class. skew = 1 keeps one class only (the paper's gender subsets,
+    pruning.py "female" / "male"); skew = its share of the data gives a stratified subset."""
+    check_range("skew", skew, 0.0, 1.0)
+    favoured = labels == skew_class
+    others = torch.nonzero(~favoured)[:, 0]
+    target = min(int(favoured.sum()), round(skew * total))
+    from_others = min(len(others), total - target)
+    if from_others:
+        _, other_labels = torch.unique(labels[others], return_inverse=True)
+        counts = proportional_counts(torch.bincount(other_labels), from_others)
+        strata = [others[other_labels == c] for c in range(len(counts))]
+    else:
+        counts, strata = torch.zeros(0, dtype=torch.long), []
+    strata.append(torch.nonzero(favoured)[:, 0])
+    counts = torch.cat([counts, torch.tensor([total - from_others])])
+    generator = torch.Generator().manual_seed(seed)
+    kept = [
+        s[torch.randperm(len(s), generator=generator)[:c]]
+        for s, c in zip(strata, counts, strict=True)
+    ]
+    return torch.cat(kept)
+
+
+@dataclass
+class _Request:
+    """One select call: its inputs, resolved lazily and shared by the criterion functions."""
+
+    criterion: str
+    fraction: float
+    total: int
+    n: int
+    seed: int
+    features: Tensor | None
+    scores: Tensor | None
+    labels: Tensor | None
+    num_clusters: int | None
+    kmeans: str
+    options: dict[str, float] = field(default_factory=dict)
+    clustering: Clustering | None = None
+
+    def feats(self) -> Tensor:
+        return _required(self.criterion, "features", self.features, 2)
+
+    def score_values(self) -> Tensor:
+        return _required(self.criterion, "scores", self.scores, 1).cpu()
+
+    def clusters(self) -> Clustering:
+        if self.clustering is None:
+            k = DEFAULT_NUM_CLUSTERS if self.num_clusters is None else self.num_clusters
+            check_range("num_clusters", k, 1, self.n)
+            self.clustering = compute_clustering(self.feats(), k, self.seed, self.kmeans)
+        return self.clustering
+
+
+def _top(largest: bool) -> Callable[[_Request], Tensor]:
+    return lambda r: torch.topk(r.score_values(), r.total, largest=largest).indices
+
+
+def _ends(balanced: bool, furthest: bool) -> Callable[[_Request], Tensor]:
+    return lambda r: ends_select(r.clusters(), r.total, balanced, furthest)
+
+
+def _class_skew(r: _Request) -> Tensor:
+    labels = _required(r.criterion, "labels", r.labels, 1).cpu()
+    skew_class = int(r.options.get("skew_class", DEFAULT_SKEW_CLASS))
+    return class_skew(
+        labels, r.total, r.options.get("skew", DEFAULT_CLASS_SKEW), skew_class, r.seed
+    )
+
+
+_SELECTORS: dict[str, Callable[[_Request], Tensor]] = {
+    "random": lambda r: torch.randperm(r.n, generator=torch.Generator().manual_seed(r.seed))[
+        : r.total
+    ],
+    "cluster_nearest": _ends(balanced=False, furthest=False),
+    "cluster_furthest": _ends(balanced=False, furthest=True),
+    "balanced_nearest": _ends(balanced=True, furthest=False),
+    "balanced_furthest": _ends(balanced=True, furthest=True),
+    "loss": _top(largest=True),
+    "grad": _top(largest=True),
+    "kcenter": lambda r: kcenter_greedy(r.feats(), r.total, r.seed),
+    "loss_lowest": _top(largest=False),
+    "grad_lowest": _top(largest=False),
+    "cluster_mid": lambda r: mid_select(r.clusters(), r.total),
+    "cluster_mix": lambda r: mix_select(
+        r.clusters(), r.total, r.fraction, r.options.get("mix_nearest", NEAREST_MIX)
+    ),
+    "drop_cluster": lambda r: drop_select(r.clusters(), r.total, r.fraction, r.seed),
+    "balanced_kcenter": lambda r: balanced_kcenter(r.feats(), r.clusters(), r.total, r.seed),
+    "herding": lambda r: kernel_herding(r.feats(), r.total, r.seed),
+    "balanced_herding": lambda r: balanced_herding(r.feats(), r.clusters(), r.total, r.seed),
+    "class_skew": _class_skew,
+}
+CRITERIA = tuple(_SELECTORS)
+SCORE_CRITERIA = ("loss", "grad", "loss_lowest", "grad_lowest")
 
 
 def select(
@@ -155,44 +241,49 @@ def select(
     num_clusters: int | None = None,
     seed: int = 0,
     num_samples: int | None = None,
+    kmeans: str = "euclidean",
+    clustering: Clustering | None = None,
+    labels: Tensor | None = None,
+    skew: float = DEFAULT_CLASS_SKEW,
+    skew_class: int = DEFAULT_SKEW_CLASS,
+    mix_nearest: float = NEAREST_MIX,
 ) -> Tensor:
     """Indices of the samples kept by a criterion.
 
     Args:
         criterion: one of CRITERIA.
         fraction: kept fraction in (0, 1]; exactly round(fraction * N) samples are kept.
-        features: (N, D) embeddings, required by the clustering criteria and "kcenter".
-        scores: (N,) per-sample scores, required by "loss" / "grad" (higher = harder = kept).
+        features: (N, D) embeddings, required by the clustering and coreset criteria (not by
+            the cluster criteria when clustering is given).
+        scores: (N,) per-sample scores, required by SCORE_CRITERIA (higher = harder).
         num_clusters: k for the clustering criteria (default DEFAULT_NUM_CLUSTERS, at most N).
-        seed: seed of k-means, of k-center's first point and of "random".
+        seed: seed of k-means, of the coreset draws, of "random", "drop_cluster", "class_skew".
         num_samples: N, for "random" when neither features nor scores is given.
+        kmeans: "euclidean" or "spherical" (the paper's), when clustering is not given.
+        clustering: a precomputed `compute_clustering` of the same features, k, seed, kmeans.
+        labels: (N,) class labels, required by "class_skew".
+        skew: share of the subset from class skew_class ("class_skew").
+        skew_class: the over-represented class of "class_skew".
+        mix_nearest: share of each cluster kept nearest to its centre by "cluster_mix".
 
     Returns:
         LongTensor of kept indices, unique and sorted ascending.
     """
     check_choice("criterion", criterion, CRITERIA)
-    n = _dataset_size(features, scores, num_samples)
-    total = subset_size(fraction, n)
-    if criterion == "random":
-        kept = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:total]
-    elif criterion in SCORE_CRITERIA:
-        kept = torch.topk(
-            _required(criterion, "scores", scores, 1).cpu(), total, largest=True
-        ).indices
-    elif criterion == "kcenter":
-        kept = kcenter_greedy(_required(criterion, "features", features, 2), total, seed)
-    else:
-        k = DEFAULT_NUM_CLUSTERS if num_clusters is None else num_clusters
-        check_range("num_clusters", k, 1, n)
-        kept = _cluster_select(
-            _required(criterion, "features", features, 2),
-            total,
-            k,
-            seed,
-            balanced=criterion.startswith("balanced"),
-            furthest=criterion.endswith("furthest"),
-        )
-    return torch.sort(kept).values
+    check_choice("kmeans", kmeans, KMEANS_KINDS)
+    n = _dataset_size(
+        features=features,
+        scores=scores,
+        num_samples=num_samples,
+        labels=labels,
+        clustering=None if clustering is None else clustering.labels,
+    )
+    options = {"skew": skew, "skew_class": skew_class, "mix_nearest": mix_nearest}
+    request = _Request(
+        criterion, fraction, subset_size(fraction, n), n, seed, features, scores, labels,
+        num_clusters, kmeans, options, clustering,
+    )  # fmt: skip
+    return torch.sort(_SELECTORS[criterion](request).cpu()).values
 
 
 def labels_needed(labels: Tensor, indices: Tensor) -> int:
@@ -205,87 +296,3 @@ def labels_needed(labels: Tensor, indices: Tensor) -> int:
 def class_counts(labels: Tensor, indices: Tensor, num_classes: int) -> Tensor:
     """Kept samples per class, (num_classes,) int64."""
     return torch.bincount(labels[indices], minlength=num_classes)
-
-
-def interior_t_grid(num: int = NUM_SCORE_T) -> Tensor:
-    """num equally spaced times strictly inside (0, 1): linspace(0, 1, num + 2)[1:-1]."""
-    return torch.linspace(0.0, 1.0, num + 2)[1:-1]
-
-
-def _squared_grad_norms(model: nn.Module, x1: Tensor, x0: Tensor, t: Tensor, cond: dict) -> Tensor:
-    """||d loss_i / d params||^2 for each sample i of the batch, (B,), via torch.func.vmap."""
-    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-
-    def loss_one(p: dict, x1_i: Tensor, x0_i: Tensor, t_i: Tensor, cond_i: dict) -> Tensor:
-        def velocity(x: Tensor, tt: Tensor, **c: Tensor) -> Tensor:
-            return functional_call(model, p, (x, tt), c)
-
-        one = {key: value[None] for key, value in cond_i.items()}
-        # per_sample_fm_loss only calls its model argument, so a functional velocity fits.
-        loss = per_sample_fm_loss(velocity, x1_i[None], x0_i[None], t_i[None], **one)  # type: ignore[arg-type]
-        return loss[0]
-
-    grads = vmap(grad(loss_one), in_dims=(None, 0, 0, 0, 0))(params, x1, x0, t, cond)
-    return sum(g.pow(2).reshape(g.shape[0], -1).sum(1) for g in grads.values())
-
-
-def per_sample_scores(
-    model: nn.Module,
-    latents: Tensor,
-    kind: str = "loss",
-    t_values: Tensor | None = None,
-    num_noise: int = NUM_SCORE_NOISE,
-    seed: int = 0,
-    batch_size: int = 64,
-    labels: Tensor | None = None,
-    progress: bool = True,
-) -> Tensor:
-    """Per-sample difficulty scores from an (early) flow-matching checkpoint.
-
-    score_i = mean over t of L_i(t) / mean_j L_j(t), where L_i(t) averages over a fixed noise bank
-    of num_noise draws x0_m (shared by all samples) either the per-sample FM loss ("loss") or
-    the squared norm of its gradient w.r.t. the model parameters ("grad"). Dividing by the data
-    set mean at each t gives every t equal weight; the paper does the same with a running EMA,
-    which made a score depend on the order samples were visited.
-
-    Args:
-        model: velocity network model(x, t, class_labels=...); scored in eval mode (restored after).
-        latents: (N, C, H, W) training latents x1.
-        kind: "loss" or "grad".
-        t_values: (T,) times in (0, 1); default interior_t_grid() (10 values).
-        num_noise: size of the noise bank. seed: seed of the noise bank.
-        batch_size: samples per forward pass (keep small for "grad": per-sample grads).
-        labels: (N,) class labels passed as class_labels, or None.
-        progress: show a tqdm bar.
-
-    Returns:
-        (N,) float64 scores; higher = harder.
-    """
-    check_choice("kind", kind, SCORE_KINDS)
-    if labels is not None and labels.shape[0] != latents.shape[0]:
-        raise ConfigError(
-            f"labels: length {labels.shape[0]} != number of latents {latents.shape[0]}"
-        )
-    t_values = interior_t_grid() if t_values is None else t_values
-    generator = torch.Generator().manual_seed(seed)
-    bank = torch.randn((num_noise, *latents.shape[1:]), generator=generator).to(latents)
-    was_training = model.training
-    model.eval()
-    per_t = torch.zeros(latents.shape[0], len(t_values), dtype=torch.float64)
-    for start in tqdm(
-        range(0, latents.shape[0], batch_size), desc=f"{kind} scores", disable=not progress
-    ):
-        x1 = latents[start : start + batch_size]
-        cond = {} if labels is None else {"class_labels": labels[start : start + batch_size]}
-        for column, t_value in enumerate(t_values.tolist()):
-            t = torch.full((x1.shape[0],), t_value, device=x1.device, dtype=x1.dtype)
-            for x0 in bank:
-                x0 = x0.expand_as(x1)
-                if kind == "loss":
-                    with torch.no_grad():
-                        value = per_sample_fm_loss(model, x1, x0, t, **cond)
-                else:
-                    value = _squared_grad_norms(model, x1, x0, t, cond)
-                per_t[start : start + x1.shape[0], column] += value.double().cpu() / num_noise
-    model.train(was_training)
-    return (per_t / per_t.mean(0)).mean(1)
