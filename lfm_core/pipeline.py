@@ -7,6 +7,13 @@ model_index.json names this module ("lfm_core.pipeline") as the library of the v
 component; diffusers resolves such a name from the already imported modules only, which calling
 `LatentFlowPipeline.from_pretrained` guarantees. Loading reads local folders only (no hub).
 
+The export functions also write a module file into the folder (`custom_pipeline_file`:
+`latent_flow_pipeline.py` or `coarse_to_fine_pipeline.py`) that imports the folder's pipeline
+class from this package, so the folder also loads with plain diffusers, offline, wherever
+lfm_core is installed: `DiffusionPipeline.from_pretrained(folder, custom_pipeline=str(
+custom_pipeline_file(folder)), trust_remote_code=True)` (diffusers asks for trust_remote_code
+before running a module file of a folder; this one only imports lfm_core).
+
 Sampling runs this package's own solver (`lfm_core.solvers.sample`, Euler on
 `uniform_grid(num_steps)`, t = 0 noise), so a loaded pipeline gives bit for bit the samples
 the rest of the package gives. The scheduler is the recorded description of that sampler: an
@@ -392,6 +399,45 @@ class CoarseToFinePipeline(_LatentPipeline):
         )
 
 
+# One file name per class: diffusers caches a module file under its name, and two classes in one
+# module would make its pipeline class ambiguous.
+CUSTOM_PIPELINE_FILES = {
+    "LatentFlowPipeline": "latent_flow_pipeline.py",
+    "CoarseToFinePipeline": "coarse_to_fine_pipeline.py",
+}
+
+
+def custom_pipeline_file(directory: str | Path) -> Path:
+    """The module file an exported folder holds for diffusers' `custom_pipeline=`.
+
+    Raises:
+        ConfigError: the folder holds no exported pipeline of this package.
+    """
+    folder = Path(directory)
+    for name in CUSTOM_PIPELINE_FILES.values():
+        if (folder / name).is_file():
+            return folder / name
+    raise ConfigError(f"pipeline: {str(folder)!r} holds no lfm_core pipeline module file")
+
+
+def write_custom_pipeline(directory: str | Path, pipeline_class: type[DiffusionPipeline]) -> Path:
+    """Write the module diffusers' `custom_pipeline=` loads for an exported folder.
+
+    diffusers takes the one DiffusionPipeline subclass defined or imported in the file, so the
+    file imports only `pipeline_class`.
+
+    Returns:
+        The file's path (pass it as `custom_pipeline`).
+    """
+    path = Path(directory, CUSTOM_PIPELINE_FILES[pipeline_class.__name__])
+    path.write_text(
+        f'"""{pipeline_class.__name__} for DiffusionPipeline.from_pretrained(custom_pipeline=...)."""\n'
+        f"from {pipeline_class.__module__} import {pipeline_class.__name__}\n\n"
+        f'__all__ = ["{pipeline_class.__name__}"]\n'
+    )
+    return path
+
+
 def _scheduler(
     scheduler: FlowMatchEulerDiscreteScheduler | None,
 ) -> FlowMatchEulerDiscreteScheduler:
@@ -413,7 +459,8 @@ def export_pipeline(
         scheduler: the recorded scheduler; default an unshifted FlowMatchEulerDiscreteScheduler.
 
     Returns:
-        The pipeline that was saved (sharing the given modules' parameters).
+        The pipeline that was saved (sharing the given modules' parameters); the folder also
+        holds its `pipeline.py` for diffusers' `custom_pipeline=`.
     """
     pipe = LatentFlowPipeline(
         vae=vae,
@@ -421,6 +468,7 @@ def export_pipeline(
         scheduler=_scheduler(scheduler),
     )
     pipe.save_pretrained(directory, safe_serialization=True)
+    write_custom_pipeline(directory, LatentFlowPipeline)
     return pipe
 
 
@@ -441,4 +489,5 @@ def export_coarse_to_fine(
         t_split=t_split,
     )
     pipe.save_pretrained(directory, safe_serialization=True)
+    write_custom_pipeline(directory, CoarseToFinePipeline)
     return pipe

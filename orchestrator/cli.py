@@ -1,15 +1,20 @@
 """The `lfm` command.
 
-    lfm sweep FILE.yaml [key=value ...] [--dry-run] [--resume] [--address ADDR]
+    lfm sweep FILE.yaml [key=value ...] [--dry-run] [--resume] [--address ADDR] [--cluster FILE]
     lfm validate FILE.yaml [key=value ...]
     lfm train FILE.yaml [key=value ...] [--fraction F --criterion C --width W --seed S]
     lfm sample FILE.yaml [key=value ...] [--fraction ... --t-split T] --out grid.png
+    lfm export FILE.yaml [key=value ...] --trial NAME --out DIR
     lfm report --experiment NAME --out DIR
 
 Sweep files are validated before Ray starts; a bad key, type, value or file is one line on
 stderr and exit status 2. Ray: --address or $RAY_ADDRESS to use a running cluster, else a local
 one. `--dry-run` prints the resolved config, the trials and the stages they need (and which are
-cached already) without starting anything.
+cached already) without starting anything. Before Ray starts, `orchestrator.preflight` checks
+the Ray address, the tracking URI and the data / model paths (one line each on failure).
+
+Imports are lazy: this module imports no torch, ray, mlflow or diffusers, so `lfm --help`
+answers at once; each command imports what it uses.
 """
 
 from __future__ import annotations
@@ -17,41 +22,85 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from omegaconf import OmegaConf
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from lfm_core.errors import ConfigError
-from orchestrator import schema
-from orchestrator.cache import StageRef
-from orchestrator.config import (
-    AXES,
-    EXIT_BAD_INPUT,
-    OneLineParser,
-    SweepConfig,
-    format_override,
-    load_sweep,
-    resolve_locations,
-)
-from orchestrator.report import build_report
-from orchestrator.report import main as report_main
-from orchestrator.trials import Trial, expand_trials
 
 if TYPE_CHECKING:
+    from orchestrator.config import SweepConfig
     from orchestrator.stages import StageGraph
+    from orchestrator.trials import Trial
 
+EXIT_BAD_INPUT = 2  # orchestrator.config.EXIT_BAD_INPUT, without importing it
 EXIT_TRIALS_FAILED = 1
-HEADLINE = (
-    schema.FID,
-    schema.STABILITY_SIMILARITY,
-    schema.STABILITY_UNRELATED,
-    schema.SPEEDUP,
-    schema.TRAIN_TIME_S,
-)
 POINT_STUDY = "cli"
+# Lines of Ray's known noise on a sweep's terminal (worker logs relayed to the driver).
+NOISE = re.compile(
+    r"PlacementGroupCleaner|Failed to query|Reporting training result|tensorboard --logdir"
+    r"|To visualize your results with TensorBoard|\d+%\|.*\|.*it/s|building stage "
+)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the house error format: one line on stderr, exit status 2, no usage.
+
+    The same as orchestrator.config.OneLineParser, here so that `lfm --help` imports no torch.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+class QuietStream:
+    """A text stream that drops whole lines matching NOISE (Ray's relayed worker noise)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.pending = ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = re.split(r"(?<=[\n\r])", self.pending)
+        for line in lines:
+            if not NOISE.search(line):
+                self.stream.write(line)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def quiet_terminal() -> None:
+    """Filter Ray's known noise from this process's stdout / stderr; Tune's classic table
+    (CLIReporter, `orchestrator.sweep.progress_reporter`) instead of its new output."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no TensorBoard hint
+    if not isinstance(sys.stdout, QuietStream):
+        sys.stdout = QuietStream(sys.stdout)  # type: ignore[assignment]
+        sys.stderr = QuietStream(sys.stderr)  # type: ignore[assignment]
+    for name in ("ray.train", "ray.tune", "ray.air", "ray.util.state"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # A failed trial is one line in the closing summary; its traceback goes to the log file.
+    controller = logging.getLogger("ray.tune.execution.tune_controller")
+    controller.addFilter(lambda record: "Trial task failed" not in record.getMessage())
+
+
+def _address(args: argparse.Namespace) -> str | None:
+    return args.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def _preflight(cfg: SweepConfig, args: argparse.Namespace) -> None:
+    from orchestrator.preflight import check_before_ray
+
+    check_before_ray(cfg, _address(args))
 
 
 def _add_sweep_file(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--resume", action="store_true", help="finish the unfinished trials of the last run"
     )
+    sweep.add_argument(
+        "--cluster",
+        default=None,
+        help="Ray launcher or KubeRay file: check the trials fit its node types (with --dry-run: "
+        "print each trial's demand)",
+    )
 
     validate = sub.add_parser("validate", help="check a sweep file and print the resolved config")
     _add_sweep_file(validate)
@@ -107,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_address(sample)
     sample.add_argument("--out", required=True, help="PNG file for the sample grid")
 
+    _export_parser(sub)
+
     # Listed for --help; `main` hands everything after `report` to orchestrator.report.
     sub.add_parser(
         "report",
@@ -115,11 +172,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _export_parser(sub: Any) -> None:
+    export = sub.add_parser(
+        "export", help="write a trial's trained model as a diffusers pipeline folder"
+    )
+    _add_sweep_file(export)
+    export.add_argument("--trial", required=True, help="trial name (as lfm sweep lists them)")
+    export.add_argument("--out", required=True, help="folder to write")
+
+
+def _load(args: argparse.Namespace, extra: Sequence[str] = ()) -> SweepConfig:
+    from orchestrator.config import load_sweep
+
+    return load_sweep(args.file, [*args.overrides, *extra])
+
+
 def _point_config(args: argparse.Namespace) -> tuple[SweepConfig, Trial]:
     """The sweep config with its search space replaced by the command line's one point.
 
     The point goes through the same validation as a grid of a sweep file.
     """
+    from orchestrator.config import AXES, format_override
+    from orchestrator.trials import Trial
 
     t_split = getattr(args, "t_split", None)
     trial = Trial(POINT_STUDY, float(args.fraction), args.criterion, args.width, t_split, args.seed)
@@ -127,15 +201,22 @@ def _point_config(args: argparse.Namespace) -> tuple[SweepConfig, Trial]:
         format_override(f"search.{POINT_STUDY}.{axis}", [value])
         for axis, value in zip(AXES, trial.point, strict=True)
     ]
-    return load_sweep(args.file, [*args.overrides, *point]), trial
+    return _load(args, point), trial
+
+
+def _yaml(cfg: SweepConfig) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(cfg.to_dict()))
 
 
 def print_plan(cfg: SweepConfig, trials: Sequence[Trial]) -> None:
     """The resolved config, the trials and their stages, marking those already cached."""
+    from orchestrator.cache import StageRef
     from orchestrator.stages import StageGraph
     from orchestrator.sweep import cache_for
 
-    print(OmegaConf.to_yaml(OmegaConf.create(cfg.to_dict())), end="")
+    print(_yaml(cfg), end="")
     cache = cache_for(cfg)
     graph = StageGraph(cfg, cache)
     refs: dict[str, StageRef] = {}
@@ -166,28 +247,67 @@ def where_to_look(cfg: SweepConfig) -> str:
 
 def _report_dir(cfg: SweepConfig) -> Path:
     """Where a sweep writes its report: under local storage, else under ./results."""
+    from orchestrator.config import resolve_locations
+
     return resolve_locations(cfg.storage_uri).local_dir / "report" / cfg.experiment
 
 
-def _sweep(args: argparse.Namespace) -> int:
-    from orchestrator.sweep import run_sweep
+def headline() -> tuple[str, ...]:
+    """The metrics of the closing table (speedups: whichever a trial has)."""
+    from orchestrator import schema
 
-    cfg = load_sweep(args.file, args.overrides)
-    trials = expand_trials(cfg)
-    if args.dry_run:
-        print_plan(cfg, trials)
-        return 0
-    outcome = run_sweep(cfg, resume=args.resume, address=args.address)
+    return (
+        schema.FID,
+        schema.STABILITY_SIMILARITY,
+        schema.STABILITY_UNRELATED,
+        schema.SPEEDUP_VS_REFERENCE,
+        schema.SPEEDUP_VS_FINE,
+        schema.TRAIN_TIME_S,
+    )
+
+
+def print_outcome(cfg: SweepConfig, outcome: Any) -> None:
+    """The closing summary: a row per finished trial, a line per failed one."""
+    from orchestrator import schema
+    from orchestrator.trials import expand_trials
+
+    names = {t.name: schema.run_name(t) for t in expand_trials(cfg)}
     print(
         f"\nsweep {cfg.name!r}: {len(outcome.metrics)} trials finished, {len(outcome.errors)} failed, {outcome.seconds:.0f} s"
     )
-    width = max((len(name) for name in outcome.metrics), default=0)
-    print(f"  {'trial':<{width}}  " + "  ".join(f"{key:>20}" for key in HEADLINE))
+    keys = headline()
+    width = max((len(names.get(name, name)) for name in outcome.metrics), default=5)
+    print(f"  {'trial':<{width}}  " + "  ".join(f"{key:>20}" for key in keys))
     for name, metrics in sorted(outcome.metrics.items()):
-        row = "  ".join(f"{metrics.get(key, float('nan')):>20.4g}" for key in HEADLINE)
-        print(f"  {name:<{width}}  {row}")
+        row = "  ".join(f"{metrics.get(key, float('nan')):>20.4g}" for key in keys)
+        print(f"  {names.get(name, name):<{width}}  {row}")
     for name in outcome.errors:
-        print(f"  FAILED: {name}")
+        print(f"  FAILED {names.get(name, name)}: {outcome.failures.get(name, '')}")
+    if outcome.log_file is not None:
+        print(f"tracebacks: {outcome.log_file}")
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from orchestrator.trials import expand_trials
+
+    cfg = _load(args)
+    trials = expand_trials(cfg)
+    if args.dry_run:
+        print_plan(cfg, trials)
+        if args.cluster:
+            from orchestrator import cluster_fit
+
+            nodes = cluster_fit.node_types_from_file(args.cluster)
+            names = [trial.name for trial in trials]
+            print("\n" + "\n".join(cluster_fit.plan_lines(cfg.resources, names, nodes)))
+        return 0
+    _preflight(cfg, args)
+    quiet_terminal()
+    from orchestrator.report import build_report
+    from orchestrator.sweep import run_sweep
+
+    outcome = run_sweep(cfg, resume=args.resume, address=args.address)
+    print_outcome(cfg, outcome)
     if outcome.metrics:
         report = build_report(cfg.experiment, _report_dir(cfg), tracking_uri=cfg.tracking_uri)
         print(f"report: {report.out_dir / 'report.md'}")
@@ -196,30 +316,33 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    cfg = load_sweep(args.file, args.overrides)
-    print(OmegaConf.to_yaml(OmegaConf.create(cfg.to_dict())), end="")
+    from orchestrator.trials import expand_trials
+
+    cfg = _load(args)
+    print(_yaml(cfg), end="")
     print(f"ok: {len(expand_trials(cfg))} trials")
     return 0
 
 
 def _point_graph(args: argparse.Namespace) -> tuple[StageGraph, Trial] | None:
     """The stage graph and trial of `lfm train` / `lfm sample`; None after a dry run."""
-    from orchestrator.stages import StageGraph
-    from orchestrator.sweep import cache_for, init_ray
-
     cfg, trial = _point_config(args)
     if args.dry_run:
         print_plan(cfg, [trial])
         return None
+    _preflight(cfg, args)
+    from orchestrator.stages import StageGraph
+    from orchestrator.sweep import cache_for, init_ray
+
     init_ray(cfg, args.address)
     return StageGraph(cfg, cache_for(cfg)), trial
 
 
 def _train(args: argparse.Namespace) -> int:
-    from orchestrator.stages import read_info
-
     point = _point_graph(args)
     if point is not None:
+        from orchestrator.stages import read_info
+
         graph, trial = point
         ref = graph.trial(trial).model
         folder = graph.get(ref)
@@ -229,25 +352,87 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sample(args: argparse.Namespace) -> int:
-    from lfm_core.images import save_grid
-    from orchestrator.stages import read_info
+def sample_facts(info: dict[str, Any], coarse_to_fine: bool) -> dict[str, Any]:
+    """A samples stage's facts as `lfm sample` prints them: one NFE for a single model."""
+    if coarse_to_fine:
+        return info
+    facts = {k: v for k, v in info.items() if k not in ("nfe_coarse", "nfe_fine")}
+    facts["nfe"] = info.get("nfe_coarse", 0) + info.get("nfe_fine", 0)
+    return facts
 
+
+def _sample(args: argparse.Namespace) -> int:
     point = _point_graph(args)
     if point is not None:
+        from lfm_core.images import save_grid
+        from orchestrator.stages import read_info
+
         graph, trial = point
         ref = graph.trial(trial).samples
         out = save_grid(graph.load_samples(ref)["grid"], Path(args.out))
-        print(json.dumps(read_info(graph.get(ref)), indent=2, sort_keys=True))
+        facts = sample_facts(read_info(graph.get(ref)), trial.t_split is not None)
+        print(json.dumps(facts, indent=2, sort_keys=True))
         print(f"samples: {out}")
     return 0
 
 
+def find_trial(cfg: SweepConfig, name: str) -> Trial:
+    """The sweep's trial of this name (its full name or its short run name).
+
+    Raises:
+        ConfigError: no such trial; the message lists the names.
+    """
+    from orchestrator import schema
+    from orchestrator.trials import expand_trials
+
+    trials = expand_trials(cfg)
+    for trial in trials:
+        if name in (trial.name, schema.run_name(trial), schema.run_name(trial, True)):
+            return trial
+    names = ", ".join(repr(t.name) for t in trials)
+    raise ConfigError(f"--trial: no trial {name!r} in sweep {cfg.name!r}; trials: {names}")
+
+
+def _export(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    trial = find_trial(cfg, args.trial)
+    from lfm_core.pipeline import custom_pipeline_file
+    from orchestrator.stages import StageGraph
+    from orchestrator.sweep import cache_for
+    from orchestrator.tracking import export_trial, trial_keys_refs
+
+    graph = StageGraph(cfg, cache_for(cfg), progress=False)
+    for role, ref in trial_keys_refs(graph, trial).items():
+        if not graph.cache.is_complete(ref):
+            raise ConfigError(
+                f"--trial {args.trial}: its {role} ({ref.stage} {ref.key[:12]}) is not built "
+                f"under {cfg.storage_uri}; run `lfm sweep {args.file}` first"
+            )
+    out = export_trial(graph, trial, Path(args.out))
+    kind = "CoarseToFinePipeline" if trial.t_split is not None else "LatentFlowPipeline"
+    print(f"exported {trial.name} as a {kind}: {out}")
+    print(f"  from lfm_core.pipeline import {kind}; pipe = {kind}.from_pretrained({str(out)!r})")
+    module = custom_pipeline_file(out)
+    print(
+        f"  or: DiffusionPipeline.from_pretrained({str(out)!r}, custom_pipeline={str(module)!r}, "
+        "trust_remote_code=True)"
+    )
+    return 0
+
+
 def _report(argv: list[str]) -> int:
+    from orchestrator.report import main as report_main
+
     return report_main(argv) or 0
 
 
-COMMANDS = {"sweep": _sweep, "validate": _validate, "train": _train, "sample": _sample}
+COMMANDS = {
+    "sweep": _sweep,
+    "validate": _validate,
+    "train": _train,
+    "sample": _sample,
+    "export": _export,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -10,6 +10,7 @@ worker group (FailureConfig) or a new fit with the same run name continues from
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,10 +24,11 @@ from lfm_core.checkpoint import load_velocity
 from lfm_core.train import TrainConfig, train_velocity
 from lfm_core.velocity import VelocityConfig
 from orchestrator.config import ResourcesSection
-from orchestrator.datasets import ShardedLatents, peak_rss_mb
 from orchestrator.trainers import DataFn, FitResult, Snapshot, seeded_velocity
 
 CHECKPOINTS_KEPT = 2
+# In every checkpoint: the (step, loss) reports of the run so far (the loss curve MLflow logs).
+LOSSES_FILE = "losses.json"
 TRAIN_RUNS_DIR = "ray_train"
 
 
@@ -46,21 +48,24 @@ def train_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(config["threads"])
     context = ray.train.get_context()
     latents, labels = config["data_fn"]()
-    if isinstance(latents, ShardedLatents):  # each rank reads only its own rows
-        latents = latents.for_rank(context.get_world_rank(), context.get_world_size())
     train_cfg: TrainConfig = config["train"]
     model = seeded_velocity(config["velocity"], train_cfg.seed)
     started = time.perf_counter()
+    losses: list[list[float]] = []  # (step, loss) so far; each checkpoint carries them
 
     def report(step: int, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        losses.append([step, metrics["loss"]])
+        if checkpoint_dir:
+            Path(checkpoint_dir, LOSSES_FILE).write_text(json.dumps(losses))
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        extra = {"elapsed_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
+        extra = {"elapsed_s": time.perf_counter() - started}
         ray.train.report({**metrics, **extra}, checkpoint=checkpoint)
 
     with (
         tempfile.TemporaryDirectory() as out_dir,
         _restored(ray.train.get_checkpoint()) as resume_dir,
     ):
+        losses.extend(_losses(resume_dir))
         train_velocity(
             model,
             latents,
@@ -143,16 +148,25 @@ def _torch_trainer(
     )
 
 
+def _losses(directory: str | None) -> list[list[float]]:
+    """The (step, loss) list a checkpoint folder carries (none: [])."""
+    path = Path(directory, LOSSES_FILE) if directory else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else []
+
+
 def _fit_result(result: Any, run_name: str, snapshot_every: int | None) -> FitResult:
     """The EMA weights of the run's last checkpoint (and of every kept one, as snapshots)."""
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {run_name} finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
         ema = load_velocity(Path(directory), name="ema")
+        losses = [(int(step), float(loss)) for step, loss in _losses(directory)]
     snapshots = []
     for checkpoint, metrics in (result.best_checkpoints or []) if snapshot_every else []:
         with checkpoint.as_directory() as directory:
             snapshot = load_velocity(Path(directory), name="ema")
         snapshots.append(Snapshot(int(metrics["step"]), float(metrics["elapsed_s"]), snapshot))
     snapshots.sort(key=lambda s: s.step)
-    return FitResult(ema=ema, metrics=dict(result.metrics or {}), snapshots=snapshots)
+    return FitResult(
+        ema=ema, metrics=dict(result.metrics or {}), snapshots=snapshots, losses=losses
+    )

@@ -144,8 +144,12 @@ def coarse_to_fine_figure(table: Table, path: Path) -> bool:
         color, marker = f"C{i}", MARKERS[i % len(MARKERS)]
         for ax, key, style in (
             (fid_ax, schema.FID, {"label": name}),
-            (speed_ax, schema.SPEEDUP, {"label": f"{name}: measured"}),
-            (speed_ax, schema.FLOP_SPEEDUP, {"label": f"{name}: FLOP bound", "linestyle": "--"}),
+            (speed_ax, schema.SPEEDUP_VS_FINE, {"label": f"{name}: measured"}),
+            (
+                speed_ax,
+                schema.FLOP_SPEEDUP_VS_FINE,
+                {"label": f"{name}: FLOP bound", "linestyle": "--"},
+            ),
         ):
             xs, ys, errs = _points(table, rows, key, -1)
             _plot(ax, xs, ys, errs, marker=marker, color=color, **style)

@@ -14,26 +14,35 @@ from orchestrator.trials import Trial
 
 T = TypeVar("T")
 
-# Metrics the metrics stage writes for every trial.
-FID = "fid"
-FID_MODEL = "fid_model"
-FID_REFERENCE = "fid_reference"
+# Metrics of a trial's child run. The metrics stage (`stage_builders.build_metrics`) writes its
+# own names into the cache (`metrics.json`); `run_metrics` turns them into these, which say what
+# they compare, so one name never means two things:
+FID = "fid"  # the trial's samples (coarse-to-fine ones on coarse-to-fine trials)
+FID_REFERENCE = "fid_reference"  # the reference model alone (the fine model of coarse-to-fine)
+FID_COARSE_ALONE = "fid_coarse_alone"  # coarse-to-fine trials: the coarse (trial's) model alone
 PRECISION = "precision"
 RECALL = "recall"
 STABILITY_SIMILARITY = "stability_similarity"
 STABILITY_UNRELATED = "stability_unrelated"
 STABILITY_SIMILARITY_CENTRED = "stability_similarity_centred"
 STABILITY_UNRELATED_CENTRED = "stability_unrelated_centred"
-SPEEDUP = "speedup"
-FLOP_SPEEDUP = "flop_speedup"
+# Single-model trials: reference sampling time / this model's (about 1 at equal width).
+SPEEDUP_VS_REFERENCE = "speedup_vs_reference"
+FLOP_SPEEDUP_VS_REFERENCE = "flop_speedup_vs_reference"
+# Coarse-to-fine trials: fine model alone / coarse-to-fine sampling, measured and FLOP bound.
+SPEEDUP_VS_FINE = "speedup_vs_fine"
+FLOP_SPEEDUP_VS_FINE = "flop_speedup_vs_fine"
 TRAIN_TIME_S = "train_time_s"
 SAMPLE_TIME_S = "sample_time_s"
-SUBSET_SIZE = "subset_size"
-LABELS_USED = "labels_used"
-# ... all of them, in this order (the same keys everywhere, for MLflow's Compare).
-METRIC_KEYS = (
+# Coarse-to-fine trials: the trial's own t_split and the one chosen automatically for its pair
+# (lfm_core.coarse_to_fine.choose_t_split), side by side.
+SAMPLED_T_SPLIT = "t_split_sampled"
+CHOSEN_T_SPLIT = "t_split_chosen"
+# The training loss of the trial's model, a step series (x axis: optimiser steps).
+TRAIN_LOSS = "train_loss"
+# Every run logs these ...
+COMMON_METRICS = (
     FID,
-    FID_MODEL,
     FID_REFERENCE,
     PRECISION,
     RECALL,
@@ -41,16 +50,73 @@ METRIC_KEYS = (
     STABILITY_UNRELATED,
     STABILITY_SIMILARITY_CENTRED,
     STABILITY_UNRELATED_CENTRED,
-    SPEEDUP,
-    FLOP_SPEEDUP,
     TRAIN_TIME_S,
     SAMPLE_TIME_S,
-    SUBSET_SIZE,
-    LABELS_USED,
 )
-# Coarse-to-fine trials also log this: their pair's automatically chosen t_split
-# (lfm_core.coarse_to_fine.choose_t_split).
-CHOSEN_T_SPLIT = "t_split_chosen"
+# ... single-model runs these ...
+SINGLE_MODEL_METRICS = (*COMMON_METRICS, SPEEDUP_VS_REFERENCE, FLOP_SPEEDUP_VS_REFERENCE)
+# ... coarse-to-fine runs these (t_split_chosen only where its stage ran).
+COARSE_TO_FINE_METRICS = (
+    *COMMON_METRICS,
+    FID_COARSE_ALONE,
+    SPEEDUP_VS_FINE,
+    FLOP_SPEEDUP_VS_FINE,
+    SAMPLED_T_SPLIT,
+)
+# Every name a run's (last-value) metrics may have, in this order.
+METRIC_KEYS = tuple(dict.fromkeys((*SINGLE_MODEL_METRICS, *COARSE_TO_FINE_METRICS, CHOSEN_T_SPLIT)))
+# The metrics stage's names that are renamed (None: not a metric of the run).
+_STAGE_NAMES: dict[bool, dict[str, str | None]] = {
+    False: {
+        "fid_model": None,  # equals fid without coarse-to-fine
+        "speedup": SPEEDUP_VS_REFERENCE,
+        "flop_speedup": FLOP_SPEEDUP_VS_REFERENCE,
+    },
+    True: {
+        "fid_model": FID_COARSE_ALONE,
+        "speedup": SPEEDUP_VS_FINE,
+        "flop_speedup": FLOP_SPEEDUP_VS_FINE,
+    },
+}
+# Facts of the trial's subset, logged as params (integers, not measurements).
+SUBSET_SIZE = "subset_size"
+LABELS_USED = "labels_used"
+SUBSET_PARAMS = (SUBSET_SIZE, LABELS_USED)
+
+
+def run_metrics(stage: Mapping[str, float], t_split: float | None) -> dict[str, float]:
+    """The metrics stage's values under the run's names (see METRIC_KEYS), for a trial with
+    this t_split (None: a single model). Subset facts are left out (`run_subset_params`)."""
+    renames = _STAGE_NAMES[t_split is not None]
+    metrics: dict[str, float] = {}
+    for key, value in stage.items():
+        name = renames.get(key, key)
+        if name is not None and key not in SUBSET_PARAMS:
+            metrics[name] = float(value)
+    if t_split is not None:
+        metrics[SAMPLED_T_SPLIT] = float(t_split)
+    return metrics
+
+
+def run_subset_params(stage: Mapping[str, float]) -> dict[str, str]:
+    """The subset facts among the metrics stage's values, as integer params."""
+    return {key: str(int(stage[key])) for key in SUBSET_PARAMS if key in stage}
+
+
+def run_name(trial: Trial, with_study: bool = False) -> str:
+    """A short run name, e.g. "f0.25 balanced_nearest s0", "w8 t0.5 f1 random s0".
+
+    Width and t_split appear only where the trial sets them; the study where asked (sweeps of
+    more than one study).
+    """
+    parts = [trial.study] if with_study else []
+    if trial.width is not None:
+        parts.append(f"w{trial.width}")
+    if trial.t_split is not None:
+        parts.append(f"t{trial.t_split:g}")
+    parts += [f"f{trial.data_fraction:g}", trial.criterion, f"s{trial.seed}"]
+    return " ".join(parts)
+
 
 # Params of a trial's child run: the trial's own point ...
 STUDY = "study"

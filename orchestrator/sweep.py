@@ -34,18 +34,22 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import tempfile
 import time
-from dataclasses import dataclass
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from orchestrator import tracking
+from orchestrator import schema, tracking
 from orchestrator.cache import StageCache
 from orchestrator.config import SweepConfig, check_local_paths
 from orchestrator.locks import lock_actor
-from orchestrator.schema import METRIC_KEYS
+from orchestrator.schema import METRIC_KEYS, run_metrics
+from orchestrator.stage_builders import LOSS_HISTORY
 from orchestrator.stages import StageGraph
 from orchestrator.storage import Storage
 from orchestrator.trials import Trial, expand_trials
@@ -134,22 +138,40 @@ def trial_driver(
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     torch.set_num_threads(trial_cpus(cfg))
     trial = Trial(**config["trial"])
-    graph = StageGraph(cfg, cache_for(cfg))
+    graph = StageGraph(cfg, cache_for(cfg), progress=False)
     run_id = tracking.child_run(cfg, experiment_id, parent_id, trial)
     try:
         metrics = graph.metrics(trial)
-        refs = graph.trial(trial)
-        tracking.finish_child(
-            cfg,
-            run_id,
-            metrics,
-            graph.load_samples(refs.samples)["grid"],
-            graph.load_samples(refs.reference_samples)["grid"],
-        )
-    except BaseException:
-        tracking.fail_child(cfg, run_id)
-        raise
-    tune.report(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            tracking.finish_child(cfg, run_id, trial_outcome(graph, trial, metrics, Path(tmp)))
+    except BaseException as err:
+        line = tracking.error_line(err)
+        tracking.fail_child(cfg, run_id, line, traceback.format_exc())
+        raise TrialError(line) from err
+    tune.report(run_metrics(metrics, trial.t_split))
+
+
+class TrialError(RuntimeError):
+    """A trial driver failed; its message is the one-line error (the traceback is in MLflow's
+    traceback.txt and the sweep's log file)."""
+
+
+def trial_outcome(
+    graph: StageGraph, trial: Trial, metrics: dict[str, float], tmp: Path
+) -> tracking.TrialOutcome:
+    """What the trial's run logs; its pipeline folder is written under `tmp`."""
+    refs = graph.trial(trial)
+    keys = {name: ref.key for name, ref in tracking.trial_keys_refs(graph, trial).items()}
+    losses = graph.info(refs.model).get(LOSS_HISTORY, [])
+    return tracking.TrialOutcome(
+        trial=trial,
+        metrics=metrics,
+        grid=graph.load_samples(refs.samples)["grid"],
+        reference_grid=graph.load_samples(refs.reference_samples)["grid"],
+        losses=[(int(step), float(loss)) for step, loss in losses],
+        keys=keys,
+        pipeline=tracking.export_trial(graph, trial, tmp / tracking.PIPELINE_DIR),
+    )
 
 
 @dataclass(frozen=True)
@@ -161,6 +183,8 @@ class SweepOutcome:
         metrics: trial name -> its metrics (finished trials only).
         errors: names of trials that raised.
         seconds: wall-clock time of the invocation.
+        failures: trial name -> its one-line error (the trials of `errors`).
+        log_file: where the failed trials' tracebacks were written (None: no failure).
     """
 
     experiment_id: str
@@ -168,6 +192,55 @@ class SweepOutcome:
     metrics: dict[str, dict[str, float]]
     errors: list[str]
     seconds: float
+    failures: dict[str, str] = field(default_factory=dict)
+    log_file: Path | None = None
+
+
+# Tune's status table: short trial names, the headline metrics, no config column.
+TABLE_METRICS = {
+    schema.FID: "fid",
+    schema.STABILITY_SIMILARITY: "similarity",
+    schema.STABILITY_UNRELATED: "unrelated",
+    schema.SPEEDUP_VS_REFERENCE: "speedup_vs_ref",
+    schema.SPEEDUP_VS_FINE: "speedup_vs_fine",
+}
+TABLE_EVERY_S = 120
+_TRIAL_ERROR = re.compile(r"TrialError: (.*)")
+
+
+def progress_reporter() -> Any:
+    """Tune's table: a trial per row (short name, status, the headline metrics), printed every
+    TABLE_EVERY_S seconds and at the end."""
+    from ray.tune import CLIReporter
+
+    return CLIReporter(
+        metric_columns=TABLE_METRICS,
+        parameter_columns={"trial/seed": "seed"},  # an empty list would show the config
+        max_report_frequency=TABLE_EVERY_S,
+        print_intermediate_tables=True,
+        max_column_length=24,
+    )
+
+
+def error_line(error: BaseException) -> str:
+    """A failed trial's one-line error: the trial driver's TrialError message when Tune's error
+    carries one, else the error's last line."""
+    text = str(error)
+    found = _TRIAL_ERROR.findall(text)
+    if found:
+        return found[-1].strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(error).__name__
+
+
+def write_failures(cfg: SweepConfig, failed: dict[str, BaseException]) -> Path:
+    """The failed trials' tracebacks, one section each, in the sweep's log file."""
+    from orchestrator.config import resolve_locations
+
+    path = resolve_locations(cfg.storage_uri).local_dir / "logs" / f"{cfg.name}-failures.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"==== {name}\n{err}\n\n" for name, err in failed.items()))
+    return path
 
 
 def _tuner(
@@ -193,10 +266,15 @@ def _tuner(
         tune_config=tune.TuneConfig(
             max_concurrent_trials=max_concurrent_trials(cfg, ray.cluster_resources()),
             reuse_actors=True,  # trial drivers keep their imports (torch, lfm_core, mlflow)
-            trial_name_creator=lambda t: Trial(**t.config["trial"]).name,
+            trial_name_creator=lambda t: schema.run_name(Trial(**t.config["trial"])),
             trial_dirname_creator=lambda t: f"{Trial(**t.config['trial']).name}-{t.trial_id}",
         ),
-        run_config=tune.RunConfig(name=cfg.name, storage_path=storage.uri_of(TUNE_DIR)),
+        run_config=tune.RunConfig(
+            name=cfg.name,
+            storage_path=storage.uri_of(TUNE_DIR),
+            progress_reporter=progress_reporter(),
+            verbose=1,
+        ),
     )
 
 
@@ -245,12 +323,21 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None
         failed = results.num_errors > 0
     finally:
         tracking.close_parent(cfg, experiment_id, parent_id, failed)
-    metrics, errors = {}, []
+    metrics: dict[str, dict[str, float]] = {}
+    raised: dict[str, BaseException] = {}
     for result in results:
         # A trial whose actor never started has no config: name it by its folder.
         name = Trial(**result.config["trial"]).name if result.config else Path(result.path).name
         if result.error is not None:
-            errors.append(name)
+            raised[name] = result.error
         else:
             metrics[name] = {k: v for k, v in (result.metrics or {}).items() if k in METRIC_KEYS}
-    return SweepOutcome(experiment_id, parent_id, metrics, errors, time.perf_counter() - started)
+    return SweepOutcome(
+        experiment_id,
+        parent_id,
+        metrics,
+        list(raised),
+        time.perf_counter() - started,
+        failures={name: error_line(err) for name, err in raised.items()},
+        log_file=write_failures(cfg, raised) if raised else None,
+    )

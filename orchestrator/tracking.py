@@ -1,13 +1,18 @@
 """MLflow tracking: one experiment per sweep, a parent run per invocation, a child run per trial.
 
-Param and metric names are `orchestrator.schema`'s, the same in every run so MLflow's Compare
-view lines them up: a child's params are its trial's (`schema.trial_params`, with the width
-resolved) and the sweep's `schema.SWEEP_PARAMS`; its metrics are `schema.METRIC_KEYS` (and
-`schema.CHOSEN_T_SPLIT` on coarse-to-fine trials). Artefacts: the resolved config
-(`config.json`), a sample grid (`samples.png`) and a same-seed comparison grid
-(`comparison.png`: reference model on top, this trial below). A trial re-run (e.g.
-`lfm sweep --resume`) reuses its child run, found by the `lfm.trial` tag under the same parent,
-so there is one child per trial.
+Param and metric names are `orchestrator.schema`'s, the same in every run of a kind so MLflow's
+Compare view lines them up: a child's params are its trial's (`schema.trial_params`, with the
+width resolved to a number), the sweep's `schema.SWEEP_PARAMS` and its subset's
+`schema.SUBSET_PARAMS`; its metrics are `schema.SINGLE_MODEL_METRICS` or
+`schema.COARSE_TO_FINE_METRICS` (`schema.run_metrics`), and `schema.TRAIN_LOSS` as a step
+series. Its name is short (`schema.run_name`, e.g. "f0.25 balanced_nearest s0"); its tags lead
+to its model: the cache keys (`lfm.key.model`, `lfm.key.autoencoder`, and `lfm.key.fine` on
+coarse-to-fine trials). Artefacts: the resolved config (`config.json`), a sample grid
+(`samples.png`), a same-seed comparison grid (`comparison.png`: reference model on top, this
+trial below) and the trained model as a diffusers pipeline folder (`pipeline/`, see
+`export_trial`). A failed trial's run is FAILED with its one-line error in the `lfm.error` tag
+and the traceback in `traceback.txt`. A trial re-run (e.g. `lfm sweep --resume`) reuses its
+child run, found by the `lfm.trial` tag under the same parent, so there is one child per trial.
 
 Everything goes through an explicit `MlflowClient(uri)`, never the global active run, so trial
 drivers in different processes cannot mix runs up.
@@ -18,8 +23,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
@@ -30,11 +37,20 @@ from orchestrator import schema
 from orchestrator.config import SQLITE_PREFIX, SweepConfig
 from orchestrator.trials import Trial
 
+if TYPE_CHECKING:
+    from orchestrator.stages import StageGraph
+
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "lfm.trial"
 SWEEP_TAG = "lfm.sweep"
 KIND_TAG = "lfm.kind"
+ERROR_TAG = "lfm.error"
+KEY_TAG = "lfm.key."  # + model / autoencoder / fine: the stage's cache key
+TRACEBACK_FILE = "traceback.txt"
+PIPELINE_DIR = "pipeline"
 COMPARISON_COLUMNS = 16
+# MLflow keeps tag values up to 8000 characters; an error line is cut well below that.
+ERROR_CHARS = 500
 
 
 def client_for(cfg: SweepConfig) -> MlflowClient:
@@ -84,9 +100,22 @@ def reopen(cfg: SweepConfig, parent_id: str) -> None:
     client_for(cfg).update_run(parent_id, status=RunStatus.to_string(RunStatus.RUNNING))
 
 
+def base_width(name: str) -> int:
+    """The base width of a velocity size (what width None means), read off a meta-device build:
+    every registered size's first layer has `width` output channels."""
+    import torch
+
+    from lfm_core.velocity import VelocityConfig, build_velocity
+
+    with torch.device("meta"):
+        model = build_velocity(VelocityConfig(name=name, in_channels=4, sample_size=8))
+    return int(next(model.parameters()).shape[0])
+
+
 def child_params(cfg: SweepConfig, trial: Trial) -> dict[str, str]:
-    """The child run's params: the trial's, its width resolved (None: `model.width`), then the
-    sweep's (identical keys in every run; t_split only where it applies)."""
+    """The child run's params: the trial's, its width resolved to a number (None: `model.width`,
+    else the size's base width), then the sweep's (identical keys in every run; t_split only
+    where it applies)."""
     width = trial.width if trial.width is not None else cfg.model.width
     sweep: dict[str, Any] = {
         schema.DATASET: cfg.data.name,
@@ -95,7 +124,8 @@ def child_params(cfg: SweepConfig, trial: Trial) -> dict[str, str]:
         schema.TRAIN_STEPS: cfg.train.steps,
         schema.CONDITIONAL: cfg.data.conditional,
     }
-    params = schema.trial_params(dataclasses.replace(trial, width=width))
+    resolved = width if width is not None else base_width(cfg.model.name)
+    params = schema.trial_params(dataclasses.replace(trial, width=resolved))
     return {**params, **{key: str(value) for key, value in sweep.items()}}
 
 
@@ -111,44 +141,119 @@ def child_run(cfg: SweepConfig, experiment_id: str, parent_id: str, trial: Trial
         client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         return run_id
     tags = {PARENT_TAG: parent_id, TRIAL_TAG: trial.name, SWEEP_TAG: cfg.name, KIND_TAG: "trial"}
-    run = client.create_run(experiment_id, run_name=trial.name, tags=tags)
+    name = schema.run_name(trial, with_study=len(cfg.search) > 1)
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
     client.log_batch(
         run.info.run_id, params=[Param(k, v) for k, v in child_params(cfg, trial).items()]
     )
     return run.info.run_id
 
 
-def finish_child(
-    cfg: SweepConfig,
-    run_id: str,
-    metrics: dict[str, float],
-    grid: Tensor,
-    reference_grid: Tensor,
-) -> None:
-    """Log a trial's metrics, config and grids, and mark its run FINISHED.
+@dataclass(frozen=True)
+class TrialOutcome:
+    """What a finished trial's run logs.
 
-    Args:
-        metrics: name -> value (non-finite values are logged as NaN, which MLflow shows).
+    Attributes:
+        trial: the trial.
+        metrics: the metrics stage's values (its own names; `schema.run_metrics` renames them).
         grid: (N, C, H, W) in [-1, 1], this trial's first samples.
         reference_grid: (N, C, H, W), the reference model's samples of the same seeds.
+        losses: (step, training loss) of the trial's model, in step order (may be empty: a
+            model cached before loss histories were kept).
+        keys: tag suffix -> cache key (model, autoencoder, fine).
+        pipeline: a diffusers pipeline folder of the trial's model(s), or None.
     """
+
+    trial: Trial
+    metrics: dict[str, float]
+    grid: Tensor
+    reference_grid: Tensor
+    losses: Sequence[tuple[int, float]] = ()
+    keys: dict[str, str] = dataclasses.field(default_factory=dict)
+    pipeline: Path | None = None
+
+
+def _metric(key: str, value: float, step: int = 0) -> Metric:
+    return Metric(key, float(value) if math.isfinite(value) else math.nan, 0, step)
+
+
+def finish_child(cfg: SweepConfig, run_id: str, outcome: TrialOutcome) -> None:
+    """Log a trial's metrics, loss curve, params of its subset, tags, config, grids and
+    pipeline, and mark its run FINISHED (non-finite values are logged as NaN)."""
     client = client_for(cfg)
-    values = [
-        Metric(k, float(v) if math.isfinite(v) else math.nan, 0, 0) for k, v in metrics.items()
-    ]
-    client.log_batch(run_id, metrics=values)
+    metrics = schema.run_metrics(outcome.metrics, outcome.trial.t_split)
+    values = [_metric(k, v) for k, v in metrics.items()]
+    values += [_metric(schema.TRAIN_LOSS, loss, step) for step, loss in outcome.losses]
+    subset = schema.run_subset_params(outcome.metrics)
+    tags = {f"{KEY_TAG}{name}": key for name, key in outcome.keys.items()}
+    # log_batch takes at most 1000 metrics per call.
+    for start in range(0, max(len(values), 1), 1000):
+        client.log_batch(run_id, metrics=values[start : start + 1000])
+    client.log_batch(run_id, params=[Param(k, v) for k, v in subset.items()])
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
     client.log_dict(run_id, cfg.to_dict(), "config.json")
     with tempfile.TemporaryDirectory() as tmp:
-        save_grid(grid, Path(tmp, "samples.png"))
-        columns = min(COMPARISON_COLUMNS, grid.shape[0], reference_grid.shape[0])
-        save_comparison([reference_grid[:columns], grid[:columns]], Path(tmp, "comparison.png"))
+        save_grid(outcome.grid, Path(tmp, "samples.png"))
+        columns = min(COMPARISON_COLUMNS, outcome.grid.shape[0], outcome.reference_grid.shape[0])
+        grids = [outcome.reference_grid[:columns], outcome.grid[:columns]]
+        save_comparison(grids, Path(tmp, "comparison.png"))
         client.log_artifacts(run_id, tmp)
+    if outcome.pipeline is not None:
+        client.log_artifacts(run_id, str(outcome.pipeline), PIPELINE_DIR)
     client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.FINISHED))
 
 
-def fail_child(cfg: SweepConfig, run_id: str) -> None:
-    """Mark a trial's run FAILED (its driver raised)."""
-    client_for(cfg).set_terminated(run_id, status=RunStatus.to_string(RunStatus.FAILED))
+def error_line(err: BaseException) -> str:
+    """An exception as one line: its type and message, whitespace collapsed, cut to ERROR_CHARS."""
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= ERROR_CHARS else text[: ERROR_CHARS - 3] + "..."
+
+
+def fail_child(cfg: SweepConfig, run_id: str, error: str = "", traceback: str = "") -> None:
+    """Mark a trial's run FAILED (its driver raised), with the error line as the `lfm.error`
+    tag and the traceback as `traceback.txt`."""
+    client = client_for(cfg)
+    if error:
+        client.set_tag(run_id, ERROR_TAG, error)
+    if traceback:
+        client.log_text(run_id, traceback, TRACEBACK_FILE)
+    client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.FAILED))
+
+
+def export_trial(graph: StageGraph, trial: Trial, directory: Path) -> Path:
+    """Write a trial's trained model as a diffusers pipeline folder, building what is missing.
+
+    A single-model trial gives a `LatentFlowPipeline` (its model and autoencoder); a
+    coarse-to-fine trial a `CoarseToFinePipeline` (its model as coarse, the reference as fine,
+    its t_split). Either loads with the class's `from_pretrained`, or with diffusers'
+    `DiffusionPipeline.from_pretrained(directory, custom_pipeline=str(
+    lfm_core.pipeline.custom_pipeline_file(directory)), trust_remote_code=True)`.
+
+    Returns:
+        The folder.
+    """
+    from lfm_core.pipeline import export_coarse_to_fine, export_pipeline
+
+    refs = graph.trial(trial)
+    vae = graph.load_autoencoder(trial_keys_refs(graph, trial)["autoencoder"])
+    model = graph.load_model(refs.model)
+    if trial.t_split is None:
+        export_pipeline(directory, vae, model)
+    else:
+        export_coarse_to_fine(
+            directory, vae, model, graph.load_model(refs.reference), trial.t_split
+        )
+    return directory
+
+
+def trial_keys_refs(graph: StageGraph, trial: Trial) -> dict[str, Any]:
+    """The stage refs a trial's run tags by key: model, autoencoder (and fine, coarse-to-fine)."""
+    refs = graph.trial(trial)
+    found = {"model": refs.model, "autoencoder": refs.samples.upstream["autoencoder"]}
+    if trial.t_split is not None:
+        found["fine"] = refs.reference
+    return found
 
 
 def close_parent(cfg: SweepConfig, experiment_id: str, parent_id: str, failed: bool) -> int:

@@ -21,13 +21,12 @@ from torch import Tensor
 
 from lfm_core.checkpoint import load_velocity
 from lfm_core.errors import ConfigError
-from lfm_core.train import LatentSource, TrainConfig, train_velocity
+from lfm_core.train import TrainConfig, train_velocity
 from lfm_core.velocity import VelocityConfig, VelocityModel, build_velocity
 from orchestrator.config import ResourcesSection
 
-# (latents (N, C, H, W) or a LatentSource, labels (N,) or None): called on each worker, so it
-# must be picklable; a source with `for_rank(rank, world)` (ShardedLatents) is cut per rank.
-DataFn = Callable[[], tuple[Tensor | LatentSource, Tensor | None]]
+# (latents (N, C, H, W), labels (N,) or None): called on each worker, so it must be picklable.
+DataFn = Callable[[], tuple[Tensor, Tensor | None]]
 
 
 @dataclass(frozen=True)
@@ -47,11 +46,13 @@ class FitResult:
         ema: the EMA velocity model, on the CPU, in eval mode.
         metrics: the last report of rank 0: loss, step, world_size, elapsed_s (training time).
         snapshots: the EMA weights every `snapshot_every` steps (the last is `ema`), when asked.
+        losses: (step, loss) every `log_every` steps, the mean over ranks.
     """
 
     ema: VelocityModel
     metrics: dict[str, float]
     snapshots: list[Snapshot] = field(default_factory=list)
+    losses: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,9 @@ class InProcessTrainer:
             "world_size": float(result.world_size),
             "elapsed_s": result.seconds,
         }
-        return FitResult(ema=result.ema, metrics=metrics, snapshots=snapshots)
+        return FitResult(
+            ema=result.ema, metrics=metrics, snapshots=snapshots, losses=list(result.losses)
+        )
 
 
 @dataclass(frozen=True)

@@ -34,12 +34,12 @@ NAN = float("nan")
 TRIALS = {
     "dr-f1-random-s0": (
         {"study": "data_reduction", "data_fraction": "1.0", "criterion": "random", "width": "8", "seed": "0"},
-        {"fid": 10.0, "precision": 0.80, "recall": 0.70, "stability_similarity": 0.95, "stability_unrelated": 0.10, "train_time_s": 5.0, "speedup": 1.0},
+        {"fid": 10.0, "precision": 0.80, "recall": 0.70, "stability_similarity": 0.95, "stability_unrelated": 0.10, "train_time_s": 5.0, "speedup_vs_reference": 1.0},
         False,
     ),
     "dr-f1-loss-s0": (  # the same full-data model as dr-f1-random-s0, timed apart
         {"study": "data_reduction", "data_fraction": "1.0", "criterion": "loss", "width": "8", "seed": "0"},
-        {"fid": 10.0, "precision": 0.80, "recall": 0.70, "stability_similarity": 0.95, "stability_unrelated": 0.10, "train_time_s": 7.0, "speedup": 1.0},
+        {"fid": 10.0, "precision": 0.80, "recall": 0.70, "stability_similarity": 0.95, "stability_unrelated": 0.10, "train_time_s": 7.0, "speedup_vs_reference": 1.0},
         False,
     ),
     "dr-f0.5-random-s0": (
@@ -64,37 +64,37 @@ TRIALS = {
     ),
     "cap-w4-s0": (
         {"study": "capacity", "data_fraction": "1.0", "criterion": "random", "width": "4", "seed": "0"},
-        {"fid": 15.0, "stability_similarity": 0.85, "stability_unrelated": 0.12, "speedup": 2.0, "train_time_s": 1.5},
+        {"fid": 15.0, "stability_similarity": 0.85, "stability_unrelated": 0.12, "speedup_vs_reference": 2.0, "train_time_s": 1.5},
         True,
     ),
     "cap-w4-s1": (  # no training time
         {"study": "capacity", "data_fraction": "1.0", "criterion": "random", "width": "4", "seed": "1"},
-        {"fid": 17.0, "stability_similarity": 0.83, "stability_unrelated": 0.10, "speedup": 2.2},
+        {"fid": 17.0, "stability_similarity": 0.83, "stability_unrelated": 0.10, "speedup_vs_reference": 2.2},
         False,
     ),
     "c2f-t0.5-s0": (
         {"study": "coarse_to_fine", "data_fraction": "1.0", "criterion": "random", "width": "4", "t_split": "0.5", "seed": "0"},
-        {"fid": 12.0, "fid_model": 15.0, "fid_reference": 10.0, "speedup": 1.5, "flop_speedup": 1.8, "t_split_chosen": 0.6},
+        {"fid": 12.0, "fid_coarse_alone": 15.0, "fid_reference": 10.0, "speedup_vs_fine": 1.5, "flop_speedup_vs_fine": 1.8, "t_split_chosen": 0.6},
         False,
     ),
     "c2f-t0.7-s0": (
         {"study": "coarse_to_fine", "data_fraction": "1.0", "criterion": "random", "width": "4", "t_split": "0.7", "seed": "0"},
-        {"fid": 13.0, "fid_model": 15.0, "fid_reference": 10.0, "speedup": 1.9, "flop_speedup": 2.4, "t_split_chosen": 0.6},
+        {"fid": 13.0, "fid_coarse_alone": 15.0, "fid_reference": 10.0, "speedup_vs_fine": 1.9, "flop_speedup_vs_fine": 2.4, "t_split_chosen": 0.6},
         False,
     ),
     "c2f-t0.7-s1": (
         {"study": "coarse_to_fine", "data_fraction": "1.0", "criterion": "random", "width": "4", "t_split": "0.7", "seed": "1"},
-        {"fid": 14.0, "fid_model": 17.0, "fid_reference": 11.0, "speedup": 2.1, "flop_speedup": 2.4, "t_split_chosen": 0.6},
+        {"fid": 14.0, "fid_coarse_alone": 17.0, "fid_reference": 11.0, "speedup_vs_fine": 2.1, "flop_speedup_vs_fine": 2.4, "t_split_chosen": 0.6},
         False,
     ),
     "cond-f0.5-random-s0": (  # conditional by its study's name
-        {"study": "conditional", "data_fraction": "0.5", "criterion": "random", "width": "8", "seed": "0"},
-        {"fid": 40.0, "labels_used": 200.0},
+        {"study": "conditional", "data_fraction": "0.5", "criterion": "random", "width": "8", "seed": "0", "labels_used": "200"},
+        {"fid": 40.0},
         False,
     ),
     "cond-f1-random-s0": (  # conditional by a `conditional` param
-        {"study": "main", "conditional": "True", "data_fraction": "1.0", "criterion": "random", "width": "8", "seed": "0"},
-        {"fid": 35.0, "labels_used": 400.0},
+        {"study": "main", "conditional": "True", "data_fraction": "1.0", "criterion": "random", "width": "8", "seed": "0", "labels_used": "400"},
+        {"fid": 35.0},
         False,
     ),
     "odd-f0.5-w4-s0": (  # reduced data at another width: in no table
@@ -364,8 +364,8 @@ def test_table3_coarse_to_fine_cells(store: dict) -> None:
     ]
     assert md[1:] == [t05, t07]
     rows = _csv_rows(store["out"] / "table3_coarse_to_fine.csv")
-    _check_csv_number(rows[1]["speedup"], [1.9, 2.1])
-    assert rows[1]["flop_speedup_std"] == "0.0"
+    _check_csv_number(rows[1]["speedup_vs_fine"], [1.9, 2.1])
+    assert rows[1]["flop_speedup_vs_fine_std"] == "0.0"
 
 
 def test_table4_conditional_cells(store: dict) -> None:

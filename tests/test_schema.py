@@ -10,7 +10,7 @@ import pytest
 from orchestrator import schema
 from orchestrator.config import SweepConfig, load_sweep
 from orchestrator.report_tables import TrialRecord
-from orchestrator.tracking import child_params
+from orchestrator.tracking import base_width, child_params
 from orchestrator.trials import Trial, expand_trials
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +58,14 @@ def test_report_rebuilds_the_logged_trial_with_its_width_resolved(tmp_path: Path
             )
             record = TrialRecord.from_run("id", trial.name, "FINISHED", params, {})
             width = trial.width if trial.width is not None else cfg.model.width
+            width = width if width is not None else base_width(cfg.model.name)
+            assert params[schema.WIDTH].isdigit()  # a number, never "base"
             assert record.trial == dataclasses.replace(trial, width=width)
+
+
+def test_base_widths_are_the_sizes_own() -> None:
+    assert base_width("unet-s") == 32 and base_width("unet-xs") == 16
+    assert base_width("dit-xs") == 128 and base_width("dit-xl") == 1152
 
 
 def test_none_is_written_and_read_back_one_way() -> None:
@@ -91,6 +98,47 @@ def test_params_of_no_trial_are_one_line_errors(change: dict, message: str) -> N
         schema.trial_from_params(params)
 
 
-def test_metric_keys_are_distinct_and_hold_no_chosen_t_split() -> None:
+def test_metric_keys_are_distinct() -> None:
     assert len(set(schema.METRIC_KEYS)) == len(schema.METRIC_KEYS)
-    assert schema.CHOSEN_T_SPLIT not in schema.METRIC_KEYS
+    assert schema.TRAIN_LOSS not in schema.METRIC_KEYS  # a step series, not a last value
+
+
+STAGE = {
+    "fid": 10.0,
+    "fid_model": 12.0,
+    "fid_reference": 9.0,
+    "speedup": 1.5,
+    "flop_speedup": 2.0,
+    "subset_size": 128.0,
+    "labels_used": 0.0,
+    "t_split_chosen": 0.3,
+}
+
+
+def test_run_metrics_say_what_they_compare() -> None:
+    single = schema.run_metrics({k: v for k, v in STAGE.items() if k != "t_split_chosen"}, None)
+    assert single == {
+        schema.FID: 10.0,
+        schema.FID_REFERENCE: 9.0,
+        schema.SPEEDUP_VS_REFERENCE: 1.5,
+        schema.FLOP_SPEEDUP_VS_REFERENCE: 2.0,
+    }
+    pair = schema.run_metrics(STAGE, 0.5)
+    assert pair == {
+        schema.FID: 10.0,
+        schema.FID_COARSE_ALONE: 12.0,
+        schema.FID_REFERENCE: 9.0,
+        schema.SPEEDUP_VS_FINE: 1.5,
+        schema.FLOP_SPEEDUP_VS_FINE: 2.0,
+        schema.CHOSEN_T_SPLIT: 0.3,
+        schema.SAMPLED_T_SPLIT: 0.5,
+    }
+    assert set(pair) <= set(schema.METRIC_KEYS) and set(single) <= set(schema.METRIC_KEYS)
+    assert schema.run_subset_params(STAGE) == {"subset_size": "128", "labels_used": "0"}
+
+
+def test_run_names_are_short() -> None:
+    trial = Trial("data_reduction", 0.25, "balanced_nearest", None, None, 0)
+    assert schema.run_name(trial) == "f0.25 balanced_nearest s0"
+    pair = Trial("coarse_to_fine", 1.0, "random", 8, 0.5, 1)
+    assert schema.run_name(pair, with_study=True) == "coarse_to_fine w8 t0.5 f1 random s1"
