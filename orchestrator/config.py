@@ -34,7 +34,7 @@ from lfm_core.autoencoder import AutoencoderConfig
 from lfm_core.criteria import CRITERIA
 from lfm_core.data import DATASETS
 from lfm_core.errors import ConfigError, check_choice, check_range
-from lfm_core.solvers import METHODS
+from lfm_core.solvers import GRIDS, METHODS
 from lfm_core.train import TrainConfig
 from lfm_core.velocity import VELOCITY_SIZES, VelocityConfig, build_velocity
 from orchestrator.storage import S3_SCHEME, check_storage_uri
@@ -64,6 +64,12 @@ class DataSection:
         limit: use only the first `limit` training images (tiny runs); None: all.
         heldout_limit: use only the first `heldout_limit` held-out images; None: all.
         conditional: train class-conditional models (labels used and saved with samples).
+        heldout_root: "folder" only: the official validation folder (local or s3://), used
+            whole as the held-out split; None: 10% of root is held out (stratified, fixed).
+        hflip: also encode the mirrored training images; each training draw takes the
+            mirrored latents with probability 1/2 (the paper's horizontal flips).
+        stream_cpus: CPUs each Ray Data read task and each encoding / feature actor of a
+            folder reserves (an actor also takes a GPU when resources.use_gpu).
     """
 
     name: str = "mnist5k"
@@ -72,6 +78,9 @@ class DataSection:
     limit: int | None = None
     heldout_limit: int | None = None
     conditional: bool = False
+    heldout_root: str | None = None
+    hflip: bool = False
+    stream_cpus: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -82,10 +91,21 @@ class AutoencoderSection(AutoencoderConfig):
         pretrained: a local folder or hub id (lfm_core.autoencoder.load_autoencoder); when
             set, nothing is trained and the architecture fields only describe the latent shape.
         subfolder: the autoencoder's folder inside a pretrained repo (e.g. "vae").
+        kind: "kl" (diffusers' AutoencoderKL, lfm_core.autoencoder) or "vq" (diffusers'
+            VQModel, lfm_core.vq_autoencoder; the paper trains its own VQ-GAN f8).
+        encode_batch_size: images per encoder forward pass (latents, PSNR).
+        decode_batch_size: latents per decoder forward pass (PSNR, samples).
+        autocast: "no", "bf16" or "fp16": encode and decode under torch.autocast (GPU).
+        psnr_images: the held-out PSNR uses the first this many held-out images; None: all.
     """
 
     pretrained: str | None = None
     subfolder: str | None = None
+    kind: str = "kl"
+    encode_batch_size: int = 256
+    decode_batch_size: int = 256
+    autocast: str = "no"
+    psnr_images: int | None = None
 
     def core(self) -> AutoencoderConfig:
         """The lfm_core config (this section without the loading fields)."""
@@ -190,6 +210,11 @@ class SamplingSection:
         workers: processes that sample a stage's seeds side by side (Ray tasks when more than
             one; GPU tasks with resources.use_gpu). Each sample depends on its seed alone, so
             the samples are the same bits for any number of workers: not part of any key.
+        cfg_channels: classifier-free guidance on the first k latent channels only, the rest
+            being the conditional prediction; None guides all. The paper's ImageNet setting
+            is 3 (of 8).
+        grid: the Euler time grid, one of lfm_core.solvers.GRIDS: "uniform" (`steps` equal
+            steps) or "paper" (linspace(0, 1, steps): steps - 1 steps, as the paper's code).
     """
 
     steps: int = 20
@@ -202,6 +227,8 @@ class SamplingSection:
     t_split_budget: float = 0.05
     t_split_calibration: int = 64
     workers: int = 1
+    cfg_channels: int | None = None
+    grid: str = "uniform"
 
 
 @dataclass(frozen=True)
@@ -498,6 +525,43 @@ def _check_model(key: str, name: str, width: int | None, cfg: SweepConfig) -> No
         raise ConfigError(f"{key}.{err}") from None
 
 
+AUTOENCODER_KINDS = ("kl", "vq")
+
+
+def _validate_data_scale(cfg: SweepConfig) -> None:
+    """The streaming data and autoencoder settings: folders only where they apply."""
+    from lfm_core.autoencoder import AUTOCAST
+
+    if cfg.data.heldout_root is not None and cfg.data.name != "folder":
+        raise ConfigError(
+            f"data.heldout_root: only for data.name=folder (data.name is {cfg.data.name!r})"
+        )
+    check_range("data.stream_cpus", cfg.data.stream_cpus, 0.0, math.inf, low_open=True)
+    section = cfg.autoencoder
+    _check_positive("autoencoder.encode_batch_size", section.encode_batch_size)
+    _check_positive("autoencoder.decode_batch_size", section.decode_batch_size)
+    _check_positive("autoencoder.psnr_images", section.psnr_images, optional=True)
+    check_choice("autoencoder.autocast", section.autocast, tuple(AUTOCAST))
+
+
+AUTOENCODER_KINDS = ("kl", "vq")
+
+
+def _validate_fidelity_options(cfg: SweepConfig) -> None:
+    """sampling.cfg_channels, sampling.grid and autoencoder.kind (docs/paper-fidelity.md)."""
+    sampling = cfg.sampling
+    _check_positive("sampling.cfg_channels", sampling.cfg_channels, optional=True)
+    channels = cfg.autoencoder.latent_shape()[0]
+    if sampling.cfg_channels is not None and sampling.cfg_channels > channels:
+        raise ConfigError(
+            f"sampling.cfg_channels: {sampling.cfg_channels} exceeds the {channels} latent channels"
+        )
+    check_choice("sampling.grid", sampling.grid, GRIDS)
+    if sampling.grid == "paper" and sampling.steps < 2:
+        raise ConfigError(f"sampling.steps: {sampling.steps} must be >= 2 with sampling.grid=paper")
+    check_choice("autoencoder.kind", cfg.autoencoder.kind, AUTOENCODER_KINDS)
+
+
 def validate(cfg: SweepConfig) -> None:
     """Check values the types cannot: names, ranges and combinations.
 
@@ -512,6 +576,7 @@ def validate(cfg: SweepConfig) -> None:
     _check_positive("data.image_size", cfg.data.image_size)
     _check_positive("data.limit", cfg.data.limit, optional=True)
     _check_positive("data.heldout_limit", cfg.data.heldout_limit, optional=True)
+    _validate_data_scale(cfg)
     for role in ("clustering", "fid", "stability"):
         extractor = getattr(cfg.features, role)
         check_choice(f"features.{role}.name", extractor.name, FEATURE_EXTRACTORS)
@@ -537,6 +602,7 @@ def validate(cfg: SweepConfig) -> None:
     check_choice("sampling.solver", cfg.sampling.solver, METHODS)
     check_range("sampling.first_seed", cfg.sampling.first_seed, 0, math.inf)
     check_range("sampling.guidance_scale", cfg.sampling.guidance_scale, 0.0, math.inf)
+    _validate_fidelity_options(cfg)
     _validate_search(cfg)
     resources = cfg.resources
     _check_positive("resources.num_workers", resources.num_workers)
@@ -592,6 +658,7 @@ def check_local_paths(cfg: SweepConfig) -> None:
     """
     paths = {
         "data.root": cfg.data.root,
+        "data.heldout_root": cfg.data.heldout_root,
         "autoencoder.pretrained": cfg.autoencoder.pretrained,
         "features.fid_stats": cfg.features.fid_stats,
     }
@@ -599,8 +666,11 @@ def check_local_paths(cfg: SweepConfig) -> None:
         paths[f"features.{role}.path"] = getattr(cfg.features, role).path
     for key, value in paths.items():
         # Hub ids ("org/name") are checked when loaded; only local-looking paths are checked here.
-        if value is None or not (
-            key in ("data.root", "features.fid_stats") or value.startswith(LOCAL_PATH_PREFIXES)
+        if value is None or value.startswith("s3://"):
+            continue
+        if not (
+            key in ("data.root", "data.heldout_root", "features.fid_stats")
+            or value.startswith(LOCAL_PATH_PREFIXES)
         ):
             continue
         if not Path(value).expanduser().exists():

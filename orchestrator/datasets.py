@@ -130,14 +130,21 @@ class ImageSource:
         _, base = _filesystem(self.root)
         return [posixpath.join(base, name) for name in self.listing.files]
 
-    def dataset(self) -> Any:
-        """A ray.data.Dataset of {"path", "image": (C, S, S) uint8} rows, in listing order."""
+    def dataset(self, cpus: float = 1.0) -> Any:
+        """A ray.data.Dataset of {"path", "image": (C, S, S) uint8} rows, in listing order,
+        read and squared by tasks of `cpus` CPUs each."""
         import ray.data
 
         fs, _ = _filesystem(self.root)
-        read = ray.data.read_images(self.paths(), filesystem=fs, include_paths=True, mode=self.mode)
+        read = ray.data.read_images(
+            self.paths(),
+            filesystem=fs,
+            include_paths=True,
+            mode=self.mode,
+            num_cpus=cpus,
+        )
         square = functools.partial(_squares, size=self.image_size)
-        return read.map_batches(square, batch_format="numpy")
+        return read.map_batches(square, batch_format="numpy", num_cpus=cpus)
 
 
 def _squares(batch: dict[str, Any], size: int) -> dict[str, Any]:
@@ -165,11 +172,14 @@ def source_of(inputs: dict[str, Any], split: str) -> ImageSource:
 
 @dataclass(frozen=True)
 class ActorPool:
-    """How a stream's model runs: actors (one model load each), GPUs and images per call."""
+    """How a stream runs: actors (one model load each; a GPU each with use_gpu), images per
+    call, and the CPUs each actor and each read task reserves (fractions let a stream run
+    beside a 1-CPU trial driver on a small cluster)."""
 
     actors: int = 1
     use_gpu: bool = False
     batch_size: int = 256
+    cpus: float = 0.5
 
 
 @contextlib.contextmanager
@@ -193,11 +203,12 @@ def stream(
     Raises:
         RuntimeError: a batch came back out of order (the rows would not match the labels).
     """
-    mapped = source.dataset().map_batches(
+    mapped = source.dataset(pool.cpus).map_batches(
         actor,
         fn_constructor_args=args,
         batch_size=pool.batch_size,
         concurrency=pool.actors,
+        num_cpus=pool.cpus,
         num_gpus=1 if pool.use_gpu else 0,
         batch_format="numpy",
     )
@@ -270,12 +281,12 @@ def _rss(n: int) -> np.ndarray:
     return np.full(n, peak_rss_mb())
 
 
-def collect(source: ImageSource) -> ImageDataset:
+def collect(source: ImageSource, cpus: float = ActorPool.cpus) -> ImageDataset:
     """The source's images as one tensor (N, C, S, S) in [-1, 1]: for small folders only
     (autoencoder training, a bounded PSNR subset); large stages stream instead."""
     expected, chunks = source.paths(), []
     with _ordered():
-        for batch in source.dataset().iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in source.dataset(cpus).iter_batches(batch_size=None, batch_format="numpy"):
             chunks.append(unit_images(batch["image"]))
     images = torch.cat(chunks)
     if images.shape[0] != len(expected):

@@ -24,6 +24,7 @@ from lfm_core.checkpoint import load_velocity
 from lfm_core.train import TrainConfig, train_velocity
 from lfm_core.velocity import VelocityConfig
 from orchestrator.config import ResourcesSection
+from orchestrator.datasets import ShardedLatents, peak_rss_mb
 from orchestrator.trainers import DataFn, FitResult, Snapshot, seeded_velocity
 
 CHECKPOINTS_KEPT = 2
@@ -48,6 +49,8 @@ def train_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(config["threads"])
     context = ray.train.get_context()
     latents, labels = config["data_fn"]()
+    if isinstance(latents, ShardedLatents):  # each rank reads only its own rows
+        latents = latents.for_rank(context.get_world_rank(), context.get_world_size())
     train_cfg: TrainConfig = config["train"]
     model = seeded_velocity(config["velocity"], train_cfg.seed)
     started = time.perf_counter()
@@ -58,7 +61,7 @@ def train_worker(config: dict[str, Any]) -> None:
         if checkpoint_dir:
             Path(checkpoint_dir, LOSSES_FILE).write_text(json.dumps(losses))
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        extra = {"elapsed_s": time.perf_counter() - started}
+        extra = {"elapsed_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
         ray.train.report({**metrics, **extra}, checkpoint=checkpoint)
 
     with (

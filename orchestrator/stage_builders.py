@@ -13,13 +13,13 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from lfm_core.autoencoder import (
     AutoencoderConfig,
@@ -38,9 +38,16 @@ from lfm_core.flops import flop_speedup_bound, forward_flops
 from lfm_core.metrics import ReferenceStats, fid, precision_recall, stability
 from lfm_core.sampling import guided, seed_labels, time_against_reference
 from lfm_core.solvers import seeded_noise
-from lfm_core.train import TrainConfig
+from lfm_core.train import TensorLatents, TrainConfig
 from lfm_core.velocity import VelocityConfig
 from orchestrator.cache import StageCache, StageRef
+from orchestrator.datasets import (
+    Encoding,
+    ShardedLatents,
+    is_sharded,
+    write_features,
+    write_latents,
+)
 from orchestrator.sample_workers import sample_stage, stack
 from orchestrator.schema import CHOSEN_T_SPLIT
 from orchestrator.stage_keys import FULL_SUBSET
@@ -79,15 +86,27 @@ def read_info(folder: Path) -> dict[str, Any]:
 def load_training_data(
     cache: StageCache, latents: StageRef, subset: StageRef, conditional: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """(latents (n, C, H, W), labels (n,) or None) of a subset; runs on the training workers."""
-    tensors = load_file(str(cache.local_dir(latents) / LATENTS_FILE))
+    """The training data of a subset; runs on the training workers.
+
+    Returns:
+        (latents (n, C, H, W), labels (n,) or None) of an embedded data set, or (with flips)
+        a `TensorLatents` and None; of a sharded (folder) stage, a `ShardedLatents` over the
+        subset's rows and None: each worker reads its own rows (`ShardedLatents.for_rank`).
+    """
+    folder = cache.local_dir(latents)
     indices = load_file(str(cache.local_dir(subset) / INDICES_FILE))["indices"]
+    if is_sharded(folder):
+        return ShardedLatents(folder, indices.numpy(), conditional), None
+    tensors = load_file(str(folder / LATENTS_FILE))
     labels = tensors["labels"][indices] if conditional else None
+    if "latents_flip" in tensors:
+        flipped = tensors["latents_flip"][indices]
+        return TensorLatents(tensors["latents"][indices], labels, flipped), None
     return tensors["latents"][indices], labels
 
 
 def build_autoencoder(graph: StageGraph, ref: StageRef, folder: Path) -> None:
-    inputs, data = ref.inputs, ref.upstream["dataset"]
+    inputs, data, execution = ref.inputs, ref.upstream["dataset"], graph.execution
     if "pretrained" in inputs:
         vae = load_autoencoder(inputs["pretrained"], inputs["subfolder"])
     else:
@@ -98,21 +117,38 @@ def build_autoencoder(graph: StageGraph, ref: StageRef, folder: Path) -> None:
             device=graph.execution.device,
         )
     vae.save_pretrained(folder / "vae")
-    info = {
-        "heldout_psnr": reconstruction_psnr(vae, graph.split(data, "heldout").images),
-        "scaling_factor": float(vae.config["scaling_factor"]),
-    }
+    nn.Module.to(vae, execution.device)
+    heldout = graph.split(data, "heldout", inputs.get("psnr_images")).images
+    psnr = reconstruction_psnr(
+        vae,
+        heldout,
+        execution.encode_batch_size,
+        autocast=inputs.get("autocast", "no"),
+        decode_batch_size=execution.decode_batch_size,
+    )
+    info = {"heldout_psnr": psnr, "scaling_factor": float(vae.config["scaling_factor"])}
     write_json(folder / INFO_FILE, info)
 
 
 def build_latents(graph: StageGraph, ref: StageRef, folder: Path) -> None:
-    train = graph.split(ref.upstream["dataset"], "train")
+    """Embedded data: one latents file. A folder: shards, encoded by a Ray Data actor pool."""
+    data, hflip = ref.upstream["dataset"], ref.inputs.get("hflip", False)
+    autocast = ref.inputs.get("autocast", "no")
+    if graph.streams(data):
+        encoding = Encoding(graph.cache, ref.upstream["autoencoder"], hflip, autocast)
+        info = write_latents(
+            graph.image_source(data, "train"), encoding, graph.execution.data_pool, folder
+        )
+        write_json(folder / INFO_FILE, info)
+        return
+    train = graph.split(data, "train")
     vae = graph.load_autoencoder(ref.upstream["autoencoder"])
-    latents = encode(vae, train.images, progress=graph.execution.progress)
-    save_file(
-        {"latents": latents.contiguous(), "labels": train.labels.contiguous()},
-        str(folder / LATENTS_FILE),
-    )
+    batch, progress = graph.execution.encode_batch_size, graph.execution.progress
+    latents = encode(vae, train.images, batch, progress, autocast)
+    tensors = {"latents": latents, "labels": train.labels}
+    if hflip:
+        tensors["latents_flip"] = encode(vae, train.images.flip(-1), batch, progress, autocast)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / LATENTS_FILE))
     write_json(folder / INFO_FILE, {"shape": list(latents.shape), "num_classes": train.num_classes})
 
 
@@ -127,8 +163,16 @@ def build_extractor(graph: StageGraph, ref: StageRef, folder: Path) -> None:
 
 
 def build_data_features(graph: StageGraph, ref: StageRef, folder: Path) -> None:
+    """Embedded data: one features file. A folder: shards "features", by an actor pool."""
+    data, split = ref.upstream["dataset"], ref.inputs["split"]
+    if graph.streams(data):
+        source = graph.image_source(data, split)
+        pool = replace(graph.execution.data_pool, batch_size=graph.execution.feature_batch_size)
+        info = write_features(source, graph.cache, ref.upstream["extractor"], pool, folder)
+        write_json(folder / INFO_FILE, info)
+        return
     extractor = graph.load_extractor(ref.upstream["extractor"])
-    images = graph.split(ref.upstream["dataset"], ref.inputs["split"]).images
+    images = graph.split(data, split).images
     features = extractor(images, progress=graph.execution.progress)
     save_file({"features": features.contiguous()}, str(folder / FEATURES_FILE))
 
@@ -255,9 +299,10 @@ def build_t_split_choice(graph: StageGraph, ref: StageRef, folder: Path) -> None
     def embed(latents: Tensor) -> Tensor:
         return extractor(decode(vae, latents, progress=False), progress=False)
 
+    channels = inputs.get("cfg_channels")
     choice = choose_t_split(
-        guided(coarse, labels, inputs["guidance_scale"]),
-        guided(fine, labels, inputs["guidance_scale"]),
+        guided(coarse, labels, inputs["guidance_scale"], channels),
+        guided(fine, labels, inputs["guidance_scale"], channels),
         seeded_noise(
             seeds, (config.in_channels, config.sample_size, config.sample_size), device=device
         ),
@@ -266,6 +311,7 @@ def build_t_split_choice(graph: StageGraph, ref: StageRef, folder: Path) -> None
         features=embed,
         steps=inputs["steps"],
         method=inputs["solver"],
+        grid=inputs.get("grid", "uniform"),
     )
     similarity = {str(t): s for t, s in sorted(choice.similarity.items())}
     write_json(folder / INFO_FILE, {"t_split": choice.t_split, "similarity": similarity})

@@ -60,30 +60,55 @@ def _ref(
 def dataset(cfg: SweepConfig) -> StageRef:
     """The data set and its splits (a source stage: read from lfm_core.data, never copied)."""
     data = cfg.data
-    root = None if data.root is None else str(Path(data.root).expanduser().resolve())
     inputs = {
         "name": data.name,
-        "root": root,
+        "root": _location(data.root),
         "image_size": data.image_size,
         "limit": data.limit,
         "heldout_limit": data.heldout_limit,
     }
+    if data.heldout_root is not None:  # only when set, so existing keys stay the same
+        inputs["heldout_root"] = _location(data.heldout_root)
     return _ref("dataset", inputs)
 
 
+def _location(path: str | None) -> str | None:
+    """A data location as a key holds it: an s3:// URI as given, a local path absolute."""
+    if path is None or path.startswith("s3://"):
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
 def autoencoder(cfg: SweepConfig) -> StageRef:
-    """A pretrained AutoencoderKL, or one trained on the train split; its held-out PSNR."""
+    """A pretrained autoencoder, or one trained on the train split; its held-out PSNR.
+
+    `kind` enters the key only when it is not the default "kl", so KL keys stay as they were.
+    """
     section = cfg.autoencoder
     if section.pretrained is not None:
         inputs: dict[str, Any] = {"pretrained": section.pretrained, "subfolder": section.subfolder}
     else:
         inputs = {"config": asdict(section.core())}
+    if section.kind != "kl":
+        inputs["kind"] = section.kind
+    # Only when set, so existing keys stay the same; they change the held-out PSNR.
+    if section.psnr_images is not None:
+        inputs["psnr_images"] = section.psnr_images
+    if section.autocast != "no":
+        inputs["autocast"] = section.autocast
     return _ref("autoencoder", inputs, {"dataset": dataset(cfg)})
 
 
 def latents(cfg: SweepConfig) -> StageRef:
-    """Scaled latents (N, c, h, w) and labels (N,) of the train split."""
-    return _ref("latents", {}, {"dataset": dataset(cfg), "autoencoder": autoencoder(cfg)})
+    """Scaled latents (N, c, h, w) and labels (N,) of the train split (with hflip, also of
+    the mirrored images; with autocast, encoded under it)."""
+    inputs: dict[str, Any] = {}
+    if cfg.data.hflip:
+        inputs["hflip"] = True
+    if cfg.autoencoder.autocast != "no":
+        inputs["autocast"] = cfg.autoencoder.autocast
+    upstream = {"dataset": dataset(cfg), "autoencoder": autoencoder(cfg)}
+    return _ref("latents", inputs, upstream)
 
 
 def extractor(cfg: SweepConfig, role: str) -> StageRef:
@@ -163,12 +188,18 @@ def reference(cfg: SweepConfig, seed: int) -> StageRef:
 
 def _sampling_inputs(cfg: SweepConfig) -> dict[str, Any]:
     sampling = cfg.sampling
-    return {
+    inputs: dict[str, Any] = {
         "steps": sampling.steps,
         "solver": sampling.solver,
         "first_seed": sampling.first_seed,
         "guidance_scale": sampling.guidance_scale,
     }
+    # Only when set / not the default, so the keys of existing sweeps stay the same.
+    if sampling.cfg_channels is not None:
+        inputs["cfg_channels"] = sampling.cfg_channels
+    if sampling.grid != "uniform":
+        inputs["grid"] = sampling.grid
+    return inputs
 
 
 def samples(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from lfm_core.autoencoder import load_autoencoder
+from lfm_core.autoencoder import DEFAULT_BATCH_SIZE, load_autoencoder
 from lfm_core.checkpoint import load_velocity
 from lfm_core.data import ImageDataset, load_dataset
 from lfm_core.features import FeatureExtractor, build_feature_extractor
@@ -31,6 +31,15 @@ from lfm_core.velocity import VelocityModel
 from orchestrator import stage_keys
 from orchestrator.cache import StageCache, StageRef
 from orchestrator.config import SweepConfig
+from orchestrator.datasets import (
+    ActorPool,
+    ImageSource,
+    collect,
+    is_sharded,
+    iter_shards,
+    load_shards,
+    source_of,
+)
 from orchestrator.stage_builders import (
     BUILDERS,
     METRICS_FILE,
@@ -62,6 +71,8 @@ class Execution:
         feature_batch_size, sample_batch_size, score_batch_size: images per feature-extractor
             call, seeds per sampling batch, samples per scoring batch.
         sample_workers: processes that sample a samples stage side by side.
+        encode_batch_size, decode_batch_size: images per autoencoder encode / decode call.
+        data_pool: the Ray Data actor pool that encodes and embeds folder data.
     """
 
     trainer: Trainer
@@ -71,6 +82,9 @@ class Execution:
     sample_batch_size: int
     score_batch_size: int
     sample_workers: int = 1
+    encode_batch_size: int = DEFAULT_BATCH_SIZE
+    decode_batch_size: int = DEFAULT_BATCH_SIZE
+    data_pool: ActorPool = ActorPool()
 
     @classmethod
     def of(cls, cfg: SweepConfig, trainer: Trainer, progress: bool = True) -> Execution:
@@ -83,7 +97,17 @@ class Execution:
             sample_batch_size=cfg.sampling.batch_size,
             score_batch_size=cfg.scoring.batch_size,
             sample_workers=cfg.sampling.workers,
+            encode_batch_size=cfg.autoencoder.encode_batch_size,
+            decode_batch_size=cfg.autoencoder.decode_batch_size,
+            data_pool=data_pool(cfg),
         )
+
+
+def data_pool(cfg: SweepConfig) -> ActorPool:
+    """One encoding / feature actor per training worker (a GPU each when workers have one)."""
+    resources = cfg.resources
+    batch = cfg.autoencoder.encode_batch_size
+    return ActorPool(resources.num_workers, resources.use_gpu, batch, cfg.data.stream_cpus)
 
 
 class StageGraph:
@@ -137,8 +161,24 @@ class StageGraph:
     # ---- loaders (each builds its stage first when missing) ------------------------------------
 
     def tensors(self, ref: StageRef, filename: str) -> dict[str, Tensor]:
-        """The tensors of one file of a stage."""
-        return load_file(str(self.get(ref) / filename))
+        """The tensors of one file of a stage; of a streamed (sharded) stage, every shard's
+        rows concatenated (for consumers that need them all; `shards` streams them)."""
+        folder = self.get(ref)
+        if not (folder / filename).exists() and is_sharded(folder):
+            return load_shards(folder)
+        return load_file(str(folder / filename))
+
+    def shards(self, ref: StageRef, names: list[str] | None = None) -> Iterator[dict[str, Any]]:
+        """The arrays of a sharded stage (latents, labels, features), one shard at a time."""
+        return iter_shards(self.get(ref), names)
+
+    def streams(self, dataset: StageRef) -> bool:
+        """True for data read as a Ray Data stream (image folders) rather than one tensor."""
+        return dataset.inputs["name"] == "folder"
+
+    def image_source(self, dataset: StageRef, split: str) -> ImageSource:
+        """One split of a folder dataset stage, listed (not loaded), cut to its limit."""
+        return source_of(dict(dataset.inputs), split)
 
     def info(self, ref: StageRef) -> dict[str, Any]:
         """The `info.json` facts of a stage."""
@@ -152,11 +192,17 @@ class StageGraph:
         """The FID reference statistics of a reference_stats stage."""
         return ReferenceStats.load_npz(self.get(ref) / STATS_FILE)
 
-    def split(self, dataset: StageRef, split: str) -> ImageDataset:
-        """One split ("train" / "heldout") of a dataset stage, cut to its limit."""
+    def split(self, dataset: StageRef, split: str, first: int | None = None) -> ImageDataset:
+        """One split ("train" / "heldout") of a dataset stage in memory, cut to its limit (and
+        to its `first` images when given); a folder is read through Ray Data."""
         inputs = dataset.inputs
-        data = load_dataset(inputs["name"], split, inputs["root"], inputs["image_size"])
         limit = inputs["limit"] if split == "train" else inputs["heldout_limit"]
+        if first is not None:
+            limit = first if limit is None else min(limit, first)
+        if self.streams(dataset):
+            key = "limit" if split == "train" else "heldout_limit"
+            return collect(source_of({**inputs, key: limit}, split), self.execution.data_pool.cpus)
+        data = load_dataset(inputs["name"], split, inputs["root"], inputs["image_size"])
         if limit is None or limit >= len(data):
             return data
         indices = None if data.indices is None else data.indices[:limit]
@@ -199,4 +245,6 @@ class StageGraph:
             guidance_scale=inputs["guidance_scale"],
             batch_size=self.execution.sample_batch_size,
             device=self.execution.device,
+            cfg_channels=inputs.get("cfg_channels"),
+            grid=inputs.get("grid", "uniform"),
         )

@@ -21,12 +21,13 @@ from torch import Tensor
 
 from lfm_core.checkpoint import load_velocity
 from lfm_core.errors import ConfigError
-from lfm_core.train import TrainConfig, train_velocity
+from lfm_core.train import LatentSource, TrainConfig, train_velocity
 from lfm_core.velocity import VelocityConfig, VelocityModel, build_velocity
 from orchestrator.config import ResourcesSection
 
-# (latents (N, C, H, W), labels (N,) or None): called on each worker, so it must be picklable.
-DataFn = Callable[[], tuple[Tensor, Tensor | None]]
+# (latents (N, C, H, W) or a LatentSource, labels (N,) or None): called on each worker, so it
+# must be picklable; a source with `for_rank(rank, world)` (ShardedLatents) is cut per rank.
+DataFn = Callable[[], tuple[Tensor | LatentSource, Tensor | None]]
 
 
 @dataclass(frozen=True)
