@@ -26,7 +26,7 @@ from orchestrator import cli, tracking
 from orchestrator.cache import StageCache, StageRef
 from orchestrator.config import SweepConfig, load_sweep
 from orchestrator.locks import LOCKS_ACTOR, LOCKS_NAMESPACE
-from orchestrator.schema import METRIC_KEYS
+from orchestrator.schema import SINGLE_MODEL_METRICS, TRAIN_LOSS
 from orchestrator.stage_builders import load_training_data
 from orchestrator.stages import StageGraph
 from orchestrator.storage import Storage
@@ -50,6 +50,8 @@ TRIAL_PARAMS = {
     "reference_model",
     "train_steps",
     "conditional",
+    "subset_size",
+    "labels_used",
 }
 
 
@@ -78,11 +80,12 @@ def test_tiny_sweep_tracks_every_trial_and_builds_each_stage_once(
     )
     for run in children:
         assert run.info.status == "FINISHED"
-        assert set(run.data.metrics) == set(METRIC_KEYS)
+        assert set(run.data.metrics) == {*SINGLE_MODEL_METRICS, TRAIN_LOSS}
         assert all(math.isfinite(value) for value in run.data.metrics.values()), run.data.metrics
         assert set(run.data.params) == TRIAL_PARAMS
         artefacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert artefacts == {"config.json", "samples.png", "comparison.png"}
+        assert artefacts == {"config.json", "samples.png", "comparison.png", "pipeline"}
+        assert {"lfm.key.model", "lfm.key.autoencoder"} <= set(run.data.tags)
     assert client.get_run(first.parent_run_id).info.status == "FINISHED"
 
     cache = cache_for(cfg)
