@@ -306,7 +306,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from orchestrator.report import build_report
     from orchestrator.sweep import run_sweep
 
-    outcome = run_sweep(cfg, resume=args.resume, address=args.address)
+    outcome = run_sweep(cfg, args.resume, args.address, args.cluster)
     print_outcome(cfg, outcome)
     if outcome.metrics:
         report = build_report(cfg.experiment, _report_dir(cfg), tracking_uri=cfg.tracking_uri)

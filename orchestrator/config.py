@@ -247,31 +247,48 @@ class GridSection:
 
 @dataclass(frozen=True)
 class ResourcesSection:
-    """Cluster resources.
+    """Cluster resources of each trial (`orchestrator.cluster_fit` checks them against the cluster).
 
     Attributes:
         num_workers: Ray Train workers per FM training (DDP).
-        use_gpu: one GPU per worker (nccl) instead of CPU (gloo).
-        cpus_per_worker: CPUs per Ray Train worker.
-        max_concurrent_trials: cap on trials running at once (None: what the cluster fits,
-            each trial needing 1 driver CPU + num_workers * cpus_per_worker).
-        max_failures: Ray Train restarts from the last checkpoint after a worker failure.
-        num_cpus: CPUs of a local Ray started by `lfm` (None: all); ignored with a cluster.
-        checkpoint_every: FM training checkpoint period in steps (0: only at the end).
+        use_gpu: one GPU per worker (nccl) instead of CPU (gloo); with driver_gpus 0 the
+            driver's GPU stages run as Ray tasks holding one GPU (orchestrator.remote_stages).
+        cpus_per_worker: CPUs per Ray Train worker (and per GPU stage task); may be fractional.
+        driver_cpus: CPUs of each trial's driver (Tune's trial actor); may be fractional.
         driver_gpus: GPUs of each trial's driver, which builds the non-training stages
-            (autoencoder, features, sampling, metrics); 0 keeps them on its CPU.
+            (autoencoder, features, sampling, metrics) itself when > 0; 0 keeps it GPU-free.
+        worker_resources: custom Ray resources each Ray Train worker holds (e.g. {node_a: 1}).
+        placement_strategy: Ray placement strategy of the worker group (PACK, SPREAD,
+            STRICT_PACK, STRICT_SPREAD).
         torch_threads: torch threads of each Ray Train worker (None: cpus_per_worker). A
             trial's driver idles while its workers train, so on a machine that runs one trial
             at a time the workers may use the driver's CPU too.
+        max_concurrent_trials: cap on trials running at once (None: what the cluster can hold
+            at its autoscaler's maximum).
+        max_failures: Ray Train restarts from the last checkpoint after a worker failure.
+        max_trial_failures: Tune restarts of a trial driver that died (a preempted node); -1:
+            without limit.
+        placement_timeout_s: how long a Ray Train worker group may wait to be placed (the
+            autoscaler's time to add nodes) before its trial fails with a one-line error.
+        tf32: TF32 matmuls and convolutions in the Ray Train workers on GPUs (Ampere and
+            later); off keeps float32 exact.
+        num_cpus: CPUs of a local Ray started by `lfm` (None: all); ignored with a cluster.
+        checkpoint_every: FM training checkpoint period in steps (0: only at the end).
     """
 
     num_workers: int = 1
     use_gpu: bool = False
-    cpus_per_worker: int = 1
+    cpus_per_worker: float = 1.0
+    driver_cpus: float = 1.0
     driver_gpus: float = 0.0
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    placement_strategy: str = "PACK"
     torch_threads: int | None = None
     max_concurrent_trials: int | None = None
     max_failures: int = 2
+    max_trial_failures: int = 0
+    placement_timeout_s: float = 600.0
+    tf32: bool = False
     num_cpus: int | None = None
     checkpoint_every: int = 0
 
@@ -604,21 +621,42 @@ def validate(cfg: SweepConfig) -> None:
     check_range("sampling.guidance_scale", cfg.sampling.guidance_scale, 0.0, math.inf)
     _validate_fidelity_options(cfg)
     _validate_search(cfg)
+    _validate_resources(cfg)
+    check_range("cache_wait_timeout_s", cfg.cache_wait_timeout_s, 0.0, math.inf, low_open=True)
+
+
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+def _validate_resources(cfg: SweepConfig) -> None:
     resources = cfg.resources
     _check_positive("resources.num_workers", resources.num_workers)
-    _check_positive("resources.cpus_per_worker", resources.cpus_per_worker)
+    check_range(
+        "resources.cpus_per_worker", resources.cpus_per_worker, 0.0, math.inf, low_open=True
+    )
+    check_range("resources.driver_cpus", resources.driver_cpus, 0.0, math.inf, low_open=True)
+    check_range("resources.driver_gpus", resources.driver_gpus, 0.0, math.inf)
+    for name, amount in resources.worker_resources.items():
+        if name in ("CPU", "GPU", "memory"):
+            raise ConfigError(
+                f"resources.worker_resources.{name}: set CPUs and GPUs with cpus_per_worker / use_gpu"
+            )
+        check_range(f"resources.worker_resources.{name}", amount, 0.0, math.inf, low_open=True)
+    check_choice("resources.placement_strategy", resources.placement_strategy, PLACEMENT_STRATEGIES)
     _check_positive("resources.max_concurrent_trials", resources.max_concurrent_trials, True)
     _check_positive("resources.num_cpus", resources.num_cpus, optional=True)
     _check_positive("resources.torch_threads", resources.torch_threads, optional=True)
     check_range("resources.max_failures", resources.max_failures, -1, math.inf)
+    check_range("resources.max_trial_failures", resources.max_trial_failures, -1, math.inf)
+    check_range(
+        "resources.placement_timeout_s", resources.placement_timeout_s, 0.0, math.inf, low_open=True
+    )
     check_range("resources.checkpoint_every", resources.checkpoint_every, 0, math.inf)
-    check_range("resources.driver_gpus", resources.driver_gpus, 0.0, math.inf)
     if cfg.train.batch_size % resources.num_workers:
         raise ConfigError(
             f"train.batch_size: {cfg.train.batch_size} must be divisible by "
             f"resources.num_workers={resources.num_workers}"
         )
-    check_range("cache_wait_timeout_s", cfg.cache_wait_timeout_s, 0.0, math.inf, low_open=True)
 
 
 def _validate_search(cfg: SweepConfig) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ import torch
 from lfm_core.checkpoint import load_velocity
 from lfm_core.train import TrainConfig, train_velocity
 from lfm_core.velocity import VelocityConfig
+from orchestrator import cluster_fit
 from orchestrator.config import ResourcesSection
 from orchestrator.datasets import ShardedLatents, peak_rss_mb
 from orchestrator.trainers import DataFn, FitResult, Snapshot, seeded_velocity
@@ -42,11 +45,43 @@ def _restored(checkpoint: Any) -> Iterator[str | None]:
         yield directory
 
 
+PLACEMENT_DIR = "placement"
+# Ray Train V2 reads this in its controller (propagated from the process calling fit()).
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+def _record_placement(config: dict[str, Any], rank: int, started: float) -> None:
+    """Where this worker ran, as Ray sees it: <run>/placement/rank-<r>.json on storage."""
+    import ray
+
+    from orchestrator.storage import Storage
+
+    record = {
+        "rank": rank,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "pid": os.getpid(),
+        "resources": ray.get_runtime_context().get_assigned_resources(),
+        "start": started,
+        "end": time.time(),
+    }
+    folder = f"{TRAIN_RUNS_DIR}/{config['run_name']}/{PLACEMENT_DIR}"
+    Storage(config["storage_uri"]).write_json(f"{folder}/rank-{rank}.json", record)
+
+
+def _gpu_flags(tf32: bool) -> None:
+    """TF32 matmuls / convolutions on GPUs when asked (bf16 autocast is TrainConfig's)."""
+    if tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """The per-worker function: load the data, build the model, run lfm_core's loop."""
     import ray.train
 
+    started_at = time.time()
     torch.set_num_threads(config["threads"])
+    _gpu_flags(config.get("tf32", False))
     context = ray.train.get_context()
     latents, labels = config["data_fn"]()
     if isinstance(latents, ShardedLatents):  # each rank reads only its own rows
@@ -79,6 +114,8 @@ def train_worker(config: dict[str, Any]) -> None:
             report=report,
             progress=context.get_world_rank() == 0,
         )
+    if config.get("storage_uri"):
+        _record_placement(config, context.get_world_rank(), started_at)
 
 
 def fit_velocity(
@@ -113,10 +150,46 @@ def fit_velocity(
         "data_fn": data_fn,
         "velocity": velocity,
         "train": train,
-        "threads": resources.torch_threads or resources.cpus_per_worker,
+        "threads": resources.torch_threads or max(1, math.floor(resources.cpus_per_worker)),
+        "tf32": resources.tf32,
+        "run_name": run_name,
+        "storage_uri": storage_uri,
     }
+    os.environ[START_TIMEOUT_ENV] = str(resources.placement_timeout_s)
     trainer = _torch_trainer(loop_config, resources, storage_uri, run_name, snapshot_every)
-    return _fit_result(trainer.fit(), run_name, snapshot_every)
+    return _fit_result(_fit(trainer, resources, run_name), run_name, snapshot_every)
+
+
+def _fit(trainer: Any, resources: ResourcesSection, run_name: str) -> Any:
+    """`trainer.fit()`; a worker group that could not be placed is one PlacementError line."""
+    from ray.train.v2._internal.exceptions import (
+        InsufficientClusterResourcesError,
+        WorkerGroupStartupTimeoutError,
+    )
+    from ray.train.v2.api.exceptions import ControllerError
+
+    try:
+        return trainer.fit()
+    except ControllerError as err:
+        cause = err.controller_failure
+        if not isinstance(
+            cause, WorkerGroupStartupTimeoutError | InsufficientClusterResourcesError
+        ):
+            raise
+        demand = cluster_fit.trial_demand(resources).workers
+        raise cluster_fit.PlacementError(
+            f"resources: Ray Train run {run_name}: {demand.count} workers x "
+            f"{cluster_fit.fmt(demand.resources)} ({resources.placement_strategy}) were not "
+            f"placed within resources.placement_timeout_s={resources.placement_timeout_s:g} s "
+            f"({type(cause).__name__}); the cluster has {_cluster_total()}"
+        ) from None
+
+
+def _cluster_total() -> str:
+    import ray
+
+    total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    return cluster_fit.fmt(total)
 
 
 def _torch_trainer(
@@ -128,10 +201,9 @@ def _torch_trainer(
 ) -> Any:
     import ray.train
     from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.config import FailureConfig  # ray.train's under Train V2
 
-    per_worker = {"CPU": resources.cpus_per_worker}
-    if resources.use_gpu:
-        per_worker["GPU"] = 1
+    per_worker = dict(cluster_fit.trial_demand(resources).workers.resources)
     return TorchTrainer(
         train_worker,
         train_loop_config=loop_config,
@@ -139,11 +211,16 @@ def _torch_trainer(
             num_workers=resources.num_workers,
             use_gpu=resources.use_gpu,
             resources_per_worker=per_worker,
+            placement_strategy=resources.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=f"{storage_uri}/{TRAIN_RUNS_DIR}",
-            failure_config=ray.train.FailureConfig(max_failures=resources.max_failures),
+            # A worker group that cannot be placed within placement_timeout_s fails the run
+            # (Ray's default retries its start forever: controller_failure_limit=-1).
+            failure_config=FailureConfig(
+                max_failures=resources.max_failures, controller_failure_limit=0
+            ),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=None if snapshot_every else CHECKPOINTS_KEPT
             ),
@@ -170,6 +247,4 @@ def _fit_result(result: Any, run_name: str, snapshot_every: int | None) -> FitRe
             snapshot = load_velocity(Path(directory), name="ema")
         snapshots.append(Snapshot(int(metrics["step"]), float(metrics["elapsed_s"]), snapshot))
     snapshots.sort(key=lambda s: s.step)
-    return FitResult(
-        ema=ema, metrics=dict(result.metrics or {}), snapshots=snapshots, losses=losses
-    )
+    return FitResult(ema=ema, metrics=dict(result.metrics or {}), snapshots=snapshots, losses=losses)

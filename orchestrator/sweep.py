@@ -25,14 +25,19 @@ Trials share every stage they have in common through the cache (one autoencoder,
 extractor and reference model per sweep; a data fraction of 1 is one shared model whatever the
 criterion), and a stage built once is reused by later sweeps.
 
-Resources: each trial's driver takes 1 CPU (and `resources.driver_gpus`), its Ray Train workers
-`num_workers * cpus_per_worker` more, so `max_concurrent_trials` is capped by what the cluster
-holds: a 2-CPU machine runs one trial at a time instead of deadlocking.
+Resources: each trial's driver takes `resources.driver_cpus` (and `driver_gpus`), its Ray Train
+workers `num_workers * cpus_per_worker` more (`orchestrator.cluster_fit`). Before any trial is
+scheduled the demand is checked against the cluster's node types (a one-line error when no node
+type can hold it), and the trials run at once are what the cluster holds at its autoscaler's
+maximum, capped by `resources.max_concurrent_trials`: a 2-CPU machine runs one trial at a time
+instead of deadlocking. A trial driver lost with its node is restarted by Tune
+(`resources.max_trial_failures`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import tempfile
@@ -44,9 +49,9 @@ from typing import Any
 
 import torch
 
-from orchestrator import schema, tracking
+from orchestrator import cluster_fit, schema, tracking
 from orchestrator.cache import StageCache
-from orchestrator.config import SweepConfig, check_local_paths
+from orchestrator.config import ResourcesSection, SweepConfig, check_local_paths
 from orchestrator.locks import lock_actor
 from orchestrator.schema import METRIC_KEYS, run_metrics
 from orchestrator.stage_builders import LOSS_HISTORY
@@ -58,7 +63,6 @@ log = logging.getLogger(__name__)
 
 TUNE_DIR = "tune"
 SWEEPS_DIR = "sweeps"
-DRIVER_CPUS = 1
 # Local clusters only: the preemption watcher (a spot-instance feature) costs one more actor
 # process per Ray Train run.
 LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
@@ -88,45 +92,17 @@ def init_ray(cfg: SweepConfig, address: str | None = None) -> bool:
     return True
 
 
-def trial_cpus(cfg: SweepConfig) -> int:
-    """CPUs one trial holds at its peak: its driver's and its Ray Train workers'.
+def driver_threads(res: ResourcesSection) -> int:
+    """Torch threads of a trial's driver: the CPUs this process may run on (its node, its
+    container's affinity), capped by what the trial holds.
 
-    The driver and its workers take turns (the driver waits while they train), so the driver's
-    own stages (autoencoder, features, sampling) may use that many torch threads without
-    oversubscribing a cluster that runs max_concurrent_trials of them.
+    The driver and its workers take turns (the driver waits while they train), so the
+    driver's own stages may use the trial's CPUs without oversubscribing the node; never more
+    than the node it actually runs on has (a 4-vCPU node runs 4, not 65).
     """
-    res = cfg.resources
-    return DRIVER_CPUS + res.num_workers * res.cpus_per_worker
-
-
-def max_concurrent_trials(cfg: SweepConfig, cluster: dict[str, float]) -> int:
-    """Trials that fit side by side: 1 driver CPU + the Ray Train workers' CPUs (and GPUs) each.
-
-    Args:
-        cluster: the cluster's total resources, e.g. ray.cluster_resources().
-    """
-    res = cfg.resources
-    fit = int(cluster.get("CPU", 0) // trial_cpus(cfg))
-    if res.use_gpu or res.driver_gpus:
-        per_trial_gpus = res.driver_gpus + (res.num_workers if res.use_gpu else 0)
-        fit = min(fit, int(cluster.get("GPU", 0) // per_trial_gpus))
-    fit = max(1, fit)
-    return min(fit, res.max_concurrent_trials) if res.max_concurrent_trials else fit
-
-
-def check_fits(cfg: SweepConfig, cluster: dict[str, float]) -> None:
-    """On a fixed-size (local) cluster, refuse a trial that could never be scheduled."""
-    from lfm_core.errors import ConfigError
-
-    res = cfg.resources
-    cpus = trial_cpus(cfg)
-    gpus = res.driver_gpus + (res.num_workers if res.use_gpu else 0)
-    if cpus > cluster.get("CPU", 0) or gpus > cluster.get("GPU", 0):
-        raise ConfigError(
-            f"resources: a trial needs {cpus} CPUs and {gpus:g} GPUs (1 driver + num_workers="
-            f"{res.num_workers} x cpus_per_worker={res.cpus_per_worker}) but this Ray has "
-            f"{cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs"
-        )
+    available = len(os.sched_getaffinity(0))
+    held = res.driver_cpus + res.num_workers * res.cpus_per_worker
+    return max(1, min(available, math.floor(held)))
 
 
 def trial_driver(
@@ -136,7 +112,7 @@ def trial_driver(
     from ray import tune
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    torch.set_num_threads(trial_cpus(cfg))
+    torch.set_num_threads(driver_threads(cfg.resources))
     trial = Trial(**config["trial"])
     graph = StageGraph(cfg, cache_for(cfg), progress=False)
     run_id = tracking.child_run(cfg, experiment_id, parent_id, trial)
@@ -244,17 +220,22 @@ def write_failures(cfg: SweepConfig, failed: dict[str, BaseException]) -> Path:
 
 
 def _tuner(
-    cfg: SweepConfig, trials: list[Trial], experiment_id: str, parent_id: str, resume: bool
+    cfg: SweepConfig,
+    trials: list[Trial],
+    ids: tuple[str, str],
+    resume: bool,
+    concurrent: int,
 ) -> Any:
-    import ray
     from ray import tune
+
+    experiment_id, parent_id = ids
 
     storage = Storage(cfg.storage_uri)
     trainable = tune.with_resources(
         tune.with_parameters(
             trial_driver, cfg=cfg, experiment_id=experiment_id, parent_id=parent_id
         ),
-        {"cpu": DRIVER_CPUS, "gpu": cfg.resources.driver_gpus},
+        {"cpu": cfg.resources.driver_cpus, "gpu": cfg.resources.driver_gpus},
     )
     path = storage.uri_of(f"{TUNE_DIR}/{cfg.name}")
     if resume:
@@ -264,7 +245,7 @@ def _tuner(
         trainable,
         param_space={"trial": tune.grid_search([t.to_dict() for t in trials])},
         tune_config=tune.TuneConfig(
-            max_concurrent_trials=max_concurrent_trials(cfg, ray.cluster_resources()),
+            max_concurrent_trials=concurrent,
             reuse_actors=True,  # trial drivers keep their imports (torch, lfm_core, mlflow)
             trial_name_creator=lambda t: schema.run_name(Trial(**t.config["trial"])),
             trial_dirname_creator=lambda t: f"{Trial(**t.config['trial']).name}-{t.trial_id}",
@@ -274,6 +255,9 @@ def _tuner(
             storage_path=storage.uri_of(TUNE_DIR),
             progress_reporter=progress_reporter(),
             verbose=1,
+            # A driver lost with its node (spot preemption) restarts; its cached stages and its
+            # Ray Train run (same name) carry on from where they were.
+            failure_config=tune.FailureConfig(max_failures=cfg.resources.max_trial_failures),
         ),
     )
 
@@ -288,14 +272,39 @@ def can_resume(cfg: SweepConfig) -> bool:
     )
 
 
-def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None) -> SweepOutcome:
+def fit_cluster(cfg: SweepConfig, cluster_file: str | None = None) -> int:
+    """Check the trials against the connected cluster before anything is scheduled; the
+    number of trials to run at once.
+
+    Node types: `cluster_file`'s, else the autoscaler's where Ray publishes them, else the
+    cluster's nodes as they are (a cluster that does not grow, e.g. a local one).
+
+    Raises:
+        ConfigError: one line naming the resource, the demand and the largest node.
+    """
+    nodes = cluster_fit.running_node_types(cluster_file)
+    demand = cluster_fit.trial_demand(cfg.resources)
+    cluster_fit.check_fit(demand, nodes)
+    concurrent = cluster_fit.max_concurrent(demand, nodes, cfg.resources.max_concurrent_trials)
+    log.info("trial demand %s; %d trial(s) at once", demand.describe(), concurrent)
+    return concurrent
+
+
+def run_sweep(
+    cfg: SweepConfig,
+    resume: bool = False,
+    address: str | None = None,
+    cluster_file: str | None = None,
+) -> SweepOutcome:
     """Run (or with resume=True, finish) a sweep on Ray Tune and track it in MLflow.
+
+    Args:
+        cluster_file: the cluster's launcher / KubeRay file, for its node types (None: ask the
+            running cluster).
 
     Raises:
         ConfigError: resume without anything to resume, or trials that cannot fit the cluster.
     """
-    import ray
-
     from lfm_core.errors import ConfigError
 
     started = time.perf_counter()
@@ -305,9 +314,8 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None
         raise ConfigError(f"--resume: no earlier run of sweep {cfg.name!r} under {cfg.storage}")
     if not (address or os.environ.get("RAY_ADDRESS")):
         check_local_paths(cfg)
-    local = init_ray(cfg, address)
-    if local:
-        check_fits(cfg, ray.cluster_resources())
+    init_ray(cfg, address)
+    concurrent = fit_cluster(cfg, cluster_file)
     lock_actor()  # created by this driver before any trial asks for it
     experiment_id = tracking.ensure_experiment(cfg)
     state = f"{SWEEPS_DIR}/{cfg.name}/parent_run.json"
@@ -319,7 +327,8 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, address: str | None = None
         storage.write_json(state, {"parent_run_id": parent_id, "experiment_id": experiment_id})
     failed = True
     try:
-        results = _tuner(cfg, trials, experiment_id, parent_id, resume).fit()
+        ids = (experiment_id, parent_id)
+        results = _tuner(cfg, trials, ids, resume, concurrent).fit()
         failed = results.num_errors > 0
     finally:
         tracking.close_parent(cfg, experiment_id, parent_id, failed)

@@ -10,7 +10,7 @@ import pytest
 from lfm_core.autoencoder import AutoencoderConfig
 from lfm_core.errors import ConfigError
 from lfm_core.train import TrainConfig
-from orchestrator import cli
+from orchestrator import cli, cluster_fit
 from orchestrator.config import (
     GridSection,
     apply_overrides,
@@ -20,7 +20,6 @@ from orchestrator.config import (
     parse_overrides,
     resolve_locations,
 )
-from orchestrator.sweep import max_concurrent_trials
 from orchestrator.trials import expand_trials
 
 REPO = Path(__file__).resolve().parents[1]
@@ -312,4 +311,7 @@ def test_dry_run_lists_trials_and_stages(
 def test_max_concurrent_trials_fit_the_cluster(
     sweep_file: Path, overrides: list[str], cluster: dict, expected: int
 ) -> None:
-    assert max_concurrent_trials(load_sweep(sweep_file, overrides), cluster) == expected
+    res = load_sweep(sweep_file, overrides).resources
+    nodes = [cluster_fit.NodeType("one", cluster, 1)]
+    demand = cluster_fit.trial_demand(res)
+    assert cluster_fit.max_concurrent(demand, nodes, res.max_concurrent_trials) == expected
