@@ -9,7 +9,10 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from lfm_core.criteria import (
+    CLUSTER_CRITERIA,
     CRITERIA,
+    FEATURE_CRITERIA,
+    LABEL_CRITERIA,
     SCORE_CRITERIA,
     balanced_counts,
     class_counts,
@@ -22,6 +25,7 @@ from lfm_core.criteria import (
     normalise_scores,
     per_sample_scores,
     proportional_counts,
+    score_kind,
     select,
     spherical_kmeans,
 )
@@ -314,19 +318,8 @@ def test_spherical_kmeans_recovers_the_blobs_and_stops_at_the_tolerance():
     assert capped == 1
 
 
-CLUSTER_CRITERIA = [
-    "cluster_nearest",
-    "cluster_furthest",
-    "balanced_nearest",
-    "balanced_furthest",
-    "cluster_mid",
-    "cluster_mix",
-    "drop_cluster",
-]
-
-
 @pytest.mark.parametrize("kmeans", ["euclidean", "spherical"])
-@pytest.mark.parametrize("criterion", [*CLUSTER_CRITERIA, "balanced_kcenter", "balanced_herding"])
+@pytest.mark.parametrize("criterion", CLUSTER_CRITERIA)
 def test_a_shared_clustering_gives_the_same_subsets(criterion, kmeans):
     features, _ = _blobs((30, 40, 50, 60))
     clustering = compute_clustering(features, NUM_BLOBS, seed=2, kmeans=kmeans)
@@ -335,7 +328,7 @@ def test_a_shared_clustering_gives_the_same_subsets(criterion, kmeans):
     )
     shared = select(criterion, 0.3, features=features, clustering=clustering, seed=2)
     assert torch.equal(direct, shared)
-    if criterion in CLUSTER_CRITERIA:  # these read the clustering only
+    if criterion not in ("balanced_kcenter", "balanced_herding"):  # the clustering only
         assert torch.equal(shared, select(criterion, 0.3, clustering=clustering, seed=2))
 
 
@@ -507,3 +500,9 @@ def test_chunked_grad_norms_equal_the_full_per_sample_gradients(chunk):
     t, cond = torch.rand(5, generator=g), {"class_labels": torch.tensor([0, 1, 2, 1, 0])}
     expected = _full_vmap_norms(model, x1, x0, t, cond)
     assert torch.allclose(_squared_grad_norms(model, x1, x0, t, cond, chunk), expected, rtol=1e-6)
+
+
+def test_the_criterion_tables_cover_every_criterion_once():
+    grouped = {"random", *SCORE_CRITERIA, *FEATURE_CRITERIA, *LABEL_CRITERIA}
+    assert grouped == set(CRITERIA) and len(CRITERIA) == len(set(CRITERIA))
+    assert [score_kind(c) for c in SCORE_CRITERIA] == ["loss", "grad", "loss", "grad"]

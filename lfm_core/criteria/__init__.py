@@ -66,11 +66,15 @@ from lfm_core.criteria.scores import (
 from lfm_core.errors import ConfigError, check_choice, check_range
 
 __all__ = [
+    "CLUSTER_CRITERIA",
     "CRITERIA",
     "DEFAULT_CLASS_SKEW",
     "DEFAULT_NUM_CLUSTERS",
+    "DEFAULT_SKEW_CLASS",
+    "FEATURE_CRITERIA",
     "KMEANS_KINDS",
     "KMEANS_N_INIT",
+    "LABEL_CRITERIA",
     "NEAREST_MIX",
     "NORMALISATIONS",
     "NUM_SCORE_NOISE",
@@ -89,6 +93,7 @@ __all__ = [
     "normalise_scores",
     "per_sample_scores",
     "proportional_counts",
+    "score_kind",
     "select",
     "spherical_kmeans",
     "subset_size",
@@ -230,6 +235,27 @@ _SELECTORS: dict[str, Callable[[_Request], Tensor]] = {
 }
 CRITERIA = tuple(_SELECTORS)
 SCORE_CRITERIA = ("loss", "grad", "loss_lowest", "grad_lowest")
+# Criteria that read a k-means clustering (so its k, seed and kmeans kind); the first seven
+# read nothing else, so a precomputed clustering is all they need.
+CLUSTER_CRITERIA = (
+    "cluster_nearest",
+    "cluster_furthest",
+    "balanced_nearest",
+    "balanced_furthest",
+    "cluster_mid",
+    "cluster_mix",
+    "drop_cluster",
+    "balanced_kcenter",
+    "balanced_herding",
+)
+FEATURE_CRITERIA = (*CLUSTER_CRITERIA, "kcenter", "herding")  # read features (N, D)
+LABEL_CRITERIA = ("class_skew",)  # read class labels (N,)
+
+
+def score_kind(criterion: str) -> str:
+    """The `per_sample_scores` kind a score criterion reads: "loss_lowest" -> "loss"."""
+    check_choice("criterion", criterion, SCORE_CRITERIA)
+    return criterion.removesuffix("_lowest")
 
 
 def select(
