@@ -27,41 +27,13 @@ from lfm_core.checkpoint import (
     load_state,
     save_checkpoint,
 )
-from lfm_core.errors import ConfigError, check_choice, check_range
-from lfm_core.paths import T_SAMPLING, SeamLoss, fm_loss, sample_t
+from lfm_core.configs import TrainConfig
+from lfm_core.errors import ConfigError
+from lfm_core.paths import SeamLoss, fm_loss, sample_t
 from lfm_core.velocity import VelocityModel
 
 ReportFn = Callable[[int, dict[str, float], str | None], None]
 LossFn = Callable[..., Tensor]
-MIXED_PRECISION = ("no", "fp16", "bf16")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings for one flow-matching model. batch_size is the global batch."""
-
-    steps: int = 2000
-    batch_size: int = 128
-    lr: float = 1e-3
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    t_sampling: str = "uniform"
-    class_dropout: float = 0.1
-    checkpoint_every: int = 0
-    log_every: int = 50
-    seed: int = 0
-    mixed_precision: str = "no"
-
-    def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "log_every"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: {getattr(self, key)} must be a positive integer")
-        check_range("ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
-        check_range("class_dropout", self.class_dropout, 0.0, 1.0, high_open=True)
-        check_choice("t_sampling", self.t_sampling, T_SAMPLING)
-        check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
 
 
 class LatentSource(Protocol):

@@ -10,33 +10,18 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DModel
 from torch import Tensor, nn
 
+from lfm_core.configs import VELOCITY_SIZES, VelocityConfig
 from lfm_core.errors import ConfigError, check_choice
 
 # Both families embed t * TIME_SCALE sinusoidally: continuous t in [0, 1] spread over the
 # frequency range the embeddings were designed for (integer diffusion steps 0..999).
 TIME_SCALE = 1000.0
-
-
-@dataclass(frozen=True)
-class VelocityConfig:
-    """A velocity network: registry name, latent shape, conditioning and an optional width."""
-
-    name: str = "unet-s"
-    in_channels: int = 4
-    sample_size: int = 8
-    num_classes: int = 0
-    width: int | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class VelocityModel(nn.Module):
@@ -192,23 +177,6 @@ class DiTVelocity(VelocityModel):
         p, gh, gw = self.patch, h // self.patch, w // self.patch
         patches = patches.reshape(b, gh, gw, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return patches.reshape(b, c, h, w)
-
-
-Factory = Callable[[VelocityConfig], VelocityModel]
-
-# DiT sizes follow the DiT paper (S: 384 x 12, B: 768 x 12, L: 1024 x 24, XL: 1152 x 28);
-# "xs" sizes are for CPU-scale latents.
-VELOCITY_SIZES: dict[str, Factory] = {
-    "unet-xs": lambda cfg: UNetVelocity(cfg, base_width=16, layers_per_block=1),
-    "unet-s": lambda cfg: UNetVelocity(cfg, base_width=32, layers_per_block=1),
-    "unet-m": lambda cfg: UNetVelocity(cfg, base_width=64, layers_per_block=2),
-    "unet-l": lambda cfg: UNetVelocity(cfg, base_width=128, layers_per_block=2),
-    "dit-xs": lambda cfg: DiTVelocity(cfg, base_width=128, depth=4),
-    "dit-s": lambda cfg: DiTVelocity(cfg, base_width=384, depth=12),
-    "dit-b": lambda cfg: DiTVelocity(cfg, base_width=768, depth=12),
-    "dit-l": lambda cfg: DiTVelocity(cfg, base_width=1024, depth=24),
-    "dit-xl": lambda cfg: DiTVelocity(cfg, base_width=1152, depth=28),
-}
 
 
 def build_velocity(config: VelocityConfig) -> VelocityModel:
