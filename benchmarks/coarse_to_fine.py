@@ -38,6 +38,7 @@ from benchmarks.common import (
     Embedded,
     Stages,
     benchmark_main,
+    fmt,
     goal,
     median,
     record_result,
@@ -520,7 +521,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"{fine['gflops_per_s']:.1f} GFLOP/s; FLOPs ratio "
             f"{fine['flops_per_sample'] / coarse['flops_per_sample']:.1f}, time ratio "
             f"{fine['forward_ms'] / coarse['forward_ms']:.1f}). Top ops: coarse {_top(coarse['top_ops'])}; "
-            f"fine {_top(fine['top_ops'])}. FID of the large model differs by {spread:.1%} "
+            f"fine {_top(fine['top_ops'])}. FID of the large model differs by {fmt(spread, '.1%')} "
             f"between its {cfg['seed_sets']} seed sets of {per_set}.",
             "",
             "| sampler | t_split | speedup | FLOP bound | measured / bound | forward-time bound "

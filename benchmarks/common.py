@@ -152,6 +152,11 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
+def fmt(value: float | None, spec: str, missing: str = "n/a") -> str:
+    """A number for Markdown; `missing` for None (a NaN or inf reads back from JSON as None)."""
+    return missing if value is None else format(value, spec)
+
+
 def goal(value: float | None, target: float, higher_is_better: bool) -> dict[str, Any]:
     """A measured value next to its goal: {"value", "goal", "met"} (met is None when unmeasured)."""
     if value is None or not math.isfinite(value):

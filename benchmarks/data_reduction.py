@@ -35,6 +35,7 @@ from benchmarks.common import (
     Embedded,
     Stages,
     benchmark_main,
+    fmt,
     record_result,
     usable_cores,
 )
@@ -47,6 +48,7 @@ from orchestrator.cache import StageRef
 from orchestrator.config import ModelSection, SamplingSection, ScoringSection
 
 NAME = "data_reduction"
+NOT_REACHED = "not reached"
 # "grad" needs per-sample gradients of every training latent: minutes on a CPU, so opt-in.
 DEFAULT_PROXY_CRITERIA = tuple(c for c in CRITERIA if c != "grad")
 
@@ -257,10 +259,6 @@ def run(cfg: DataReductionConfig) -> dict[str, Any]:
     return record_result(NAME, cfg, clock, body, {})
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "not reached" if value is None else format(value, spec)
-
-
 def markdown(result: dict[str, Any]) -> str:
     """The results as Markdown for summary.md."""
     cfg, full = result["config"], result["full"]
@@ -271,7 +269,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{cfg['sampling']['num_samples']} samples)",
         "",
         f"Full data: final FID {full['target_fid']:.2f} (the target; reached within "
-        f"{cfg['tolerance']:.0%} after {_fmt(reach, '.0f')} s of training).",
+        f"{cfg['tolerance']:.0%} after {fmt(reach, '.0f', NOT_REACHED)} s of training).",
         "",
         "| fraction | criterion | subset FID (real images) | final FID | time to target | time / full |",
         "|---|---|---|---|---|---|",
@@ -281,8 +279,8 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {fraction['fraction']:g} | {run_['criterion']} "
                 f"| {fraction['subset_fid'][run_['criterion']]:.2f} "
-                f"| {run_['checkpoints'][-1]['fid']:.2f} | {_fmt(run_['reach']['seconds'], '.0f')} s "
-                f"| {_fmt(run_['time_ratio'], '.2f')} |"
+                f"| {run_['checkpoints'][-1]['fid']:.2f} | {fmt(run_['reach']['seconds'], '.0f', NOT_REACHED)} s "
+                f"| {fmt(run_['time_ratio'], '.2f', NOT_REACHED)} |"
             )
     lines.append("")
     return "\n".join(lines)

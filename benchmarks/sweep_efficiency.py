@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS_DIR, Clock, benchmark_main, goal, record_result
+from benchmarks.common import RESULTS_DIR, Clock, benchmark_main, fmt, goal, record_result
 from lfm_core.errors import check_range
 from orchestrator.config import load_sweep
 from orchestrator.sweep import cache_for, init_ray, run_sweep
@@ -171,8 +171,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['unique_stages']} unique stages, {result['builds']} builds)",
         "",
         f"Wall time {result['wall_s']:.1f} s (Ray start {result['ray_init_s']:.1f} s) against "
-        f"{result['unique_stage_s']:.1f} s of unique stage builds: ratio {result['ratio']:.2f} "
-        f"({result['ratio_without_ray_start']:.2f} without Ray's start); stages built twice: "
+        f"{result['unique_stage_s']:.1f} s of unique stage builds: ratio {fmt(result['ratio'], '.2f')} "
+        f"({fmt(result['ratio_without_ray_start'], '.2f')} without Ray's start); stages built twice: "
         f"{result['duplicate_stages']}.",
         "",
         "| stage | builds | seconds |",

@@ -35,6 +35,7 @@ from benchmarks.common import (
     Embedded,
     Stages,
     benchmark_main,
+    fmt,
     goal,
     median,
     record_result,
@@ -212,11 +213,11 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             "| path | steady-state steps/s |",
             "|---|---|",
-            f"| bare lfm_core loop | {result['bare_steps_per_s']:.2f} |",
-            f"| Ray Train worker (1 worker) | {result['ray_steps_per_s']:.2f} |",
+            f"| bare lfm_core loop | {fmt(result['bare_steps_per_s'], '.2f')} |",
+            f"| Ray Train worker (1 worker) | {fmt(result['ray_steps_per_s'], '.2f')} |",
             "",
-            f"Ratio Ray / bare: {result['ratio']:.3f} (goal >= {result['goals']['ratio']['goal']}). "
-            f"Ray start-up (ray.init): {'n/a' if init is None else f'{init:.1f} s'}; fixed cost per "
+            f"Ratio Ray / bare: {fmt(result['ratio'], '.3f')} (goal >= {result['goals']['ratio']['goal']}). "
+            f"Ray start-up (ray.init): {fmt(init, '.1f')} s; fixed cost per "
             f"fit (worker group start, data load, teardown): {result['ray_fit_overhead_s']:.1f} s.",
             "",
         ]

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from lfm_core.errors import check_range
-from lfm_core.solvers import NFECounter, sample, uniform_grid
+from lfm_core.solvers import NFECounter, sample, time_grid
 
 # The paper's default switch time (DiT-S/2 for t < 0.7, then DiT-XL/2).
 PAPER_T_SPLIT = 0.7
@@ -79,25 +79,27 @@ def sample_coarse_to_fine(
     *,
     steps: int = 60,
     method: str = "euler",
+    grid: str = "uniform",
     **cond: Tensor,
 ) -> CoarseToFineResult:
     """Integrate noise x_init (B, C, H, W) from t = 0 to 1, switching models at t_split.
 
     A whole step belongs to the model of its start time (coarse when it is below t_split), so
     a two-stage method (midpoint, heun) never mixes models inside one step; `cond` (e.g.
-    class_labels) is passed to both models.
+    class_labels) is passed to both models. `grid` names the time grid of
+    `lfm_core.solvers.time_grid` ("uniform": `steps` steps; "paper": linspace(0, 1, steps)).
     """
     check_range("t_split", t_split, 0.0, 1.0)
     counted_coarse = NFECounter(_bind(coarse, cond))
     counted_fine = NFECounter(_bind(fine, cond))
-    grid = uniform_grid(steps)
-    coarse_steps = int(uses_coarse(grid[:-1], t_split).sum())
+    times = time_grid(steps, grid)
+    coarse_steps = int(uses_coarse(times[:-1], t_split).sum())
     started = time.perf_counter()
     x = x_init
     if coarse_steps:
-        x = sample(counted_coarse, x, grid[: coarse_steps + 1], method)
-    if coarse_steps < steps:
-        x = sample(counted_fine, x, grid[coarse_steps:], method)
+        x = sample(counted_coarse, x, times[: coarse_steps + 1], method)
+    if coarse_steps < len(times) - 1:
+        x = sample(counted_fine, x, times[coarse_steps:], method)
     seconds = time.perf_counter() - started
     samples = x
     return CoarseToFineResult(samples, counted_coarse.nfe, counted_fine.nfe, seconds)
@@ -125,6 +127,7 @@ def choose_t_split(
     features: Callable[[Tensor], Tensor] | None = None,
     steps: int = 60,
     method: str = "euler",
+    grid: str = "uniform",
     **cond: Tensor,
 ) -> TSplitChoice:
     """The largest t_split whose samples stay within `budget` of the fine-only samples.
@@ -139,12 +142,14 @@ def choose_t_split(
         check_range("t_split", t_split, 0.0, 1.0)
     embed = features or (lambda s: s.flatten(1))
     reference = embed(
-        sample_coarse_to_fine(coarse, fine, x_init, 0.0, steps=steps, method=method, **cond).samples
+        sample_coarse_to_fine(
+            coarse, fine, x_init, 0.0, steps=steps, method=method, grid=grid, **cond
+        ).samples
     )
     similarity = {}
     for t_split in sorted(candidates):
         out = sample_coarse_to_fine(
-            coarse, fine, x_init, t_split, steps=steps, method=method, **cond
+            coarse, fine, x_init, t_split, steps=steps, method=method, grid=grid, **cond
         )
         cos = torch.nn.functional.cosine_similarity(
             embed(out.samples).flatten(1), reference.flatten(1)

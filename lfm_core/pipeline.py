@@ -193,11 +193,17 @@ def _class_labels(
     return labels.to(device)
 
 
-def _guided(model: DiffusersVelocity, labels: Tensor | None, guidance_scale: float) -> VelocityFn:
-    """v(x, t): the model itself without labels, else classifier-free guidance around it."""
+def _guided(
+    model: DiffusersVelocity,
+    labels: Tensor | None,
+    guidance_scale: float,
+    cfg_channels: int | None = None,
+) -> VelocityFn:
+    """v(x, t): the model itself without labels, else classifier-free guidance around it
+    (on the first `cfg_channels` channels; None: all)."""
     if labels is None:
         return model
-    return CFG(model, labels, guidance_scale, model.null_label)
+    return CFG(model, labels, guidance_scale, model.null_label, cfg_channels)
 
 
 class _Ticking:
@@ -218,10 +224,12 @@ class _Request:
     noise: Tensor
     labels: Tensor | None
     guidance_scale: float
+    cfg_channels: int | None = None
 
     def velocity_fn(self, model: DiffusersVelocity, bar: Any) -> VelocityFn:
         """v(x, t) of `model`, guided when labelled, advancing `bar` once per call."""
-        return _Ticking(_guided(model, self.labels, self.guidance_scale), bar)
+        guided = _guided(model, self.labels, self.guidance_scale, self.cfg_channels)
+        return _Ticking(guided, bar)
 
 
 class _LatentPipeline(DiffusionPipeline):
@@ -268,12 +276,13 @@ class _LatentPipeline(DiffusionPipeline):
         class_labels: Sequence[int] | Tensor | None,
         guidance_scale: float,
         output_type: str,
+        cfg_channels: int | None = None,
     ) -> _Request:
         """Check a call's arguments against `model`; its noise and labels (one-line errors)."""
         check_choice("output_type", output_type, OUTPUT_TYPES)
         noise = self._noise(seeds, model)
         labels = _class_labels(model, class_labels, len(seeds), guidance_scale, self.device)
-        return _Request(noise, labels, guidance_scale)
+        return _Request(noise, labels, guidance_scale, cfg_channels)
 
     def _noise(self, seeds: Sequence[int], model: DiffusersVelocity) -> Tensor:
         """Noise (len(seeds), C, s, s) on the pipeline's device; row i from seeds[i] alone."""
@@ -317,6 +326,7 @@ class LatentFlowPipeline(_LatentPipeline):
         class_labels: Sequence[int] | Tensor | None = None,
         guidance_scale: float = 1.0,
         output_type: str = "pt",
+        cfg_channels: int | None = None,
     ) -> LatentFlowOutput:
         """Sample one image per seed; image i depends on seeds[i] (and its label) alone.
 
@@ -328,11 +338,15 @@ class LatentFlowPipeline(_LatentPipeline):
                 None (unconditional model, or the null label of a conditional one).
             guidance_scale: classifier-free guidance scale; 1 is the conditional model.
             output_type: "pt" for a tensor (N, C, H, W) in [0, 1], "pil" for PIL images.
+            cfg_channels: guide only the first k latent channels, the rest being the conditional
+                prediction (the paper's ImageNet setting: 3 of 8); None guides all channels.
 
         Returns:
             LatentFlowOutput with the images and the latents they were decoded from.
         """
-        request = self._request(self.velocity, seeds, class_labels, guidance_scale, output_type)
+        request = self._request(
+            self.velocity, seeds, class_labels, guidance_scale, output_type, cfg_channels
+        )
         grid = uniform_grid(num_steps)
         with self.progress_bar(total=num_steps) as bar:
             latents = sample(request.velocity_fn(self.velocity, bar), request.noise, grid, "euler")
@@ -370,6 +384,7 @@ class CoarseToFinePipeline(_LatentPipeline):
         guidance_scale: float = 1.0,
         output_type: str = "pt",
         t_split: float | None = None,
+        cfg_channels: int | None = None,
     ) -> CoarseToFineOutput:
         """Sample one image per seed, switching from `coarse` to `fine` at t_split.
 
@@ -380,7 +395,9 @@ class CoarseToFinePipeline(_LatentPipeline):
         Returns:
             CoarseToFineOutput: images, latents, NFE of each model and the ODE's seconds.
         """
-        request = self._request(self.fine, seeds, class_labels, guidance_scale, output_type)
+        request = self._request(
+            self.fine, seeds, class_labels, guidance_scale, output_type, cfg_channels
+        )
         split = self.config["t_split"] if t_split is None else t_split
         with self.progress_bar(total=num_steps) as bar:
             result = sample_coarse_to_fine(

@@ -22,13 +22,20 @@ from lfm_core.velocity import VelocityModel
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """How samples are drawn: solver steps and method, CFG scale, seeds per batch, device."""
+    """How samples are drawn: solver steps and method, CFG scale, seeds per batch, device.
+
+    `cfg_channels` guides only the first k latent channels (None: all; the paper's ImageNet
+    setting is 3 of 8) and `grid` names the time grid (`lfm_core.solvers.GRIDS`: "uniform",
+    `steps` equal steps; "paper", linspace(0, 1, steps)).
+    """
 
     steps: int
     solver: str
     guidance_scale: float
     batch_size: int
     device: torch.device | str = "cpu"
+    cfg_channels: int | None = None
+    grid: str = "uniform"
 
 
 @dataclass(frozen=True)
@@ -63,9 +70,12 @@ def seed_labels(
     return torch.tensor(list(seeds), device=device) % model.config.num_classes
 
 
-def guided(model: VelocityModel, labels: Tensor | None, scale: float) -> Callable[..., Tensor]:
-    """The velocity function of a model for one batch: classifier-free guidance when labelled."""
-    return model if labels is None else CFG(model, labels, scale, model.null_label)
+def guided(
+    model: VelocityModel, labels: Tensor | None, scale: float, channels: int | None = None
+) -> Callable[..., Tensor]:
+    """The velocity function of a model for one batch: classifier-free guidance when labelled
+    (on the first `channels` latent channels; None: all)."""
+    return model if labels is None else CFG(model, labels, scale, model.null_label, channels)
 
 
 def sample_seeds(
@@ -89,12 +99,13 @@ def sample_seeds(
         if labels is not None:
             label_parts.append(labels.cpu())
         result = sample_coarse_to_fine(
-            guided(coarse, labels, settings.guidance_scale),
-            guided(fine, labels, settings.guidance_scale),
+            guided(coarse, labels, settings.guidance_scale, settings.cfg_channels),
+            guided(fine, labels, settings.guidance_scale, settings.cfg_channels),
             x_init,
             t_split,
             steps=settings.steps,
             method=settings.solver,
+            grid=settings.grid,
         )
         parts.append(result.samples.cpu())
         seconds += result.seconds

@@ -16,6 +16,10 @@ from lfm_core.errors import ConfigError, check_choice
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 METHODS = ("euler", "midpoint", "heun")
+# Time grids by name: "uniform" takes `steps` equal intervals (steps + 1 points); "paper" is the
+# paper's torch.linspace(0, 1, steps), i.e. steps - 1 intervals (its 60 "steps" are 59 Euler
+# steps; briqr/explo-r-it-ing_lfm_stability src/transport/integrators.py, ode.__init__).
+GRIDS = ("uniform", "paper")
 
 
 def seeded_noise(
@@ -41,6 +45,20 @@ def uniform_grid(steps: int, t_start: float = 0.0, t_end: float = 1.0) -> Tensor
     if steps < 1:
         raise ConfigError(f"steps: {steps} must be a positive integer")
     return torch.linspace(t_start, t_end, steps + 1, dtype=torch.float64)
+
+
+def time_grid(steps: int, grid: str = "uniform") -> Tensor:
+    """The time grid from t = 0 to 1 named by `grid` (one of GRIDS), float64.
+
+    "uniform": `uniform_grid(steps)`, shape (steps + 1,). "paper": linspace(0, 1, steps) as the
+    paper's sampler builds it, shape (steps,), so steps - 1 intervals (steps >= 2).
+    """
+    check_choice("grid", grid, GRIDS)
+    if grid == "uniform":
+        return uniform_grid(steps)
+    if steps < 2:
+        raise ConfigError(f"steps: {steps} must be >= 2 for the paper grid (steps - 1 intervals)")
+    return torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
 
 
 def _step(velocity_fn: VelocityFn, x: Tensor, t0: Tensor, t1: Tensor, method: str) -> Tensor:
@@ -102,14 +120,27 @@ class CFG:
     """Classifier-free guidance around a class-conditional model.
 
     v = v(x, t, null) + scale * (v(x, t, y) - v(x, t, null)); scale = 1 is the conditional model.
+    With `channels` = k only the first k channels are guided and the rest are the conditional
+    prediction v(x, t, y) as it is: the paper's ImageNet setting guides 3 of 8 latent channels
+    (briqr/explo-r-it-ing_lfm_stability src/models.py, DiT.forward_with_cfg). None guides all.
     Conditional and unconditional passes run as one batch of 2B.
     """
 
-    def __init__(self, model: Callable[..., Tensor], labels: Tensor, scale: float, null_label: int):
+    def __init__(
+        self,
+        model: Callable[..., Tensor],
+        labels: Tensor,
+        scale: float,
+        null_label: int,
+        channels: int | None = None,
+    ):
+        if channels is not None and channels < 1:
+            raise ConfigError(f"cfg_channels: {channels} must be a positive integer or None")
         self.model = model
         self.labels = labels
         self.scale = scale
         self.null_label = null_label
+        self.channels = channels
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         if self.scale == 1.0:
@@ -119,4 +150,8 @@ class CFG:
             torch.cat([x, x]), torch.cat([t, t]), class_labels=torch.cat([self.labels, null])
         )
         cond, uncond = both.chunk(2)
-        return uncond + self.scale * (cond - uncond)
+        if self.channels is None:
+            return uncond + self.scale * (cond - uncond)
+        k = self.channels
+        guided = uncond[:, :k] + self.scale * (cond[:, :k] - uncond[:, :k])
+        return torch.cat([guided, cond[:, k:]], dim=1)

@@ -18,7 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import coarse_to_fine, data_reduction, run_all, stability_halves, sweep_efficiency
+from benchmarks import (
+    coarse_to_fine,
+    data_reduction,
+    run_all,
+    stability_halves,
+    sweep_efficiency,
+    train_throughput,
+)
 from benchmarks.common import Embedded, Stages, parse_config
 from lfm_core.errors import ConfigError
 from lfm_core.flops import flop_speedup_bound
@@ -152,6 +159,24 @@ def test_split_halves_are_disjoint_equal_and_seeded():
     again = stability_halves.split_halves(11, seed=3)
     assert torch.equal(a, again[0]) and torch.equal(b, again[1])
     assert not torch.equal(a, stability_halves.split_halves(11, seed=4)[0])
+
+
+def test_throughput_markdown_shows_an_unmeasured_rate_as_n_a():
+    # A NaN rate (the long run was not slower) is written as null and read back as None.
+    result = {
+        "config": {"model": {"name": "dit-xs", "width": 16}, "train": {"batch_size": 16}},
+        "bare_steps_per_s": 12.5,
+        "ray_steps_per_s": None,
+        "ratio": None,
+        "goals": {"ratio": {"goal": 0.9}},
+        "ray_init_s": None,
+        "ray_fit_overhead_s": 20.0,
+    }
+    result["config"]["threads"] = 1
+    text = train_throughput.markdown(result)
+    assert "| bare lfm_core loop | 12.50 |" in text
+    assert "| Ray Train worker (1 worker) | n/a |" in text
+    assert "Ratio Ray / bare: n/a (goal >= 0.9)" in text
 
 
 # ---- every benchmark at its tiny scale -------------------------------------------------------

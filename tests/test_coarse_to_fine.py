@@ -3,11 +3,16 @@
 import pytest
 import torch
 
-from lfm_core.coarse_to_fine import CoarseToFine, choose_t_split, sample_coarse_to_fine
+from lfm_core.coarse_to_fine import (
+    CoarseToFine,
+    choose_t_split,
+    sample_coarse_to_fine,
+    uses_coarse,
+)
 from lfm_core.errors import ConfigError
 from lfm_core.flops import flop_speedup_bound, forward_flops
 from lfm_core.paths import SeamLoss
-from lfm_core.solvers import sample, seeded_noise, uniform_grid
+from lfm_core.solvers import sample, seeded_noise, time_grid, uniform_grid
 from lfm_core.train import TrainConfig, seam_finetune
 from lfm_core.velocity import VelocityConfig, build_velocity
 
@@ -52,6 +57,24 @@ def test_nfe_split_follows_step_start_times():
     out = sample_coarse_to_fine(_model(16, 1), _model(32, 2), NOISE, 0.7, steps=60)
     assert (out.nfe_coarse, out.nfe_fine) == (42, 18)
     assert out.seconds > 0
+
+
+def test_paper_grid_switches_at_step_42_of_59():
+    """linspace(0, 1, 60): t_i = i / 59; the first step starting at t >= 0.7 is i = 42, so the
+    fine model takes 17 of 59 steps (0.288 of them, against 18 of 60 on the uniform grid)."""
+    coarse, fine = _model(16, 1), _model(32, 2)
+    grid = time_grid(60, "paper")
+    switch = int(uses_coarse(grid[:-1], 0.7).sum())
+    assert switch == 42 and grid[41] < 0.7 <= grid[42]
+    out = sample_coarse_to_fine(coarse, fine, NOISE, 0.7, steps=60, grid="paper")
+    assert (out.nfe_coarse, out.nfe_fine) == (42, 17)
+    expected = sample(fine, sample(coarse, NOISE, grid[:43]), grid[42:])
+    assert torch.equal(out.samples, expected)
+    uniform = sample_coarse_to_fine(coarse, fine, NOISE, 0.7, steps=60)
+    assert torch.equal(
+        uniform.samples,
+        sample_coarse_to_fine(coarse, fine, NOISE, 0.7, steps=60, grid="uniform").samples,
+    )
 
 
 def test_mixed_batch_routes_rows_to_their_model():

@@ -7,7 +7,7 @@ import torch
 
 from lfm_core.errors import ConfigError
 from lfm_core.paths import fm_loss, interpolate, sample_t, sigma_to_t, t_to_sigma
-from lfm_core.solvers import CFG, NFECounter, sample, seeded_noise, uniform_grid
+from lfm_core.solvers import CFG, NFECounter, sample, seeded_noise, time_grid, uniform_grid
 
 
 def test_interpolate_endpoints_and_sigma_adapter():
@@ -116,3 +116,37 @@ def test_cfg_combines_conditional_and_unconditional():
     assert torch.equal(guided, (10 + 3.0 * (labels - 10)).float().reshape(-1, 1))
     plain = CFG(model, labels, scale=1.0, null_label=10)(torch.zeros(2, 1), torch.zeros(2))
     assert torch.equal(plain, labels.float().reshape(-1, 1))
+
+
+def test_cfg_on_a_channel_subset_leaves_the_other_channels_conditional():
+    """The paper's ImageNet CFG: 3 of 8 channels guided, the other 5 the conditional output."""
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randn(11, 8, generator=generator)
+
+    def model(x, t, class_labels):
+        return x * weights[class_labels].reshape(-1, 8, 1, 1) + t.reshape(-1, 1, 1, 1)
+
+    labels, x, t = torch.tensor([1, 7]), torch.randn(2, 8, 3, 3), torch.full((2,), 0.3)
+    cond = model(x, t, labels)
+    uncond = model(x, t, torch.full_like(labels, 10))
+    subset = CFG(model, labels, scale=4.0, null_label=10, channels=3)(x, t)
+    assert torch.equal(subset[:, 3:], cond[:, 3:])
+    full = CFG(model, labels, scale=4.0, null_label=10)(x, t)
+    assert torch.equal(subset[:, :3], full[:, :3])
+    torch.testing.assert_close(full, uncond + 4.0 * (cond - uncond))
+    with pytest.raises(ConfigError, match="cfg_channels: 0"):
+        CFG(model, labels, scale=4.0, null_label=10, channels=0)
+
+
+def test_paper_grid_is_linspace_with_one_step_fewer():
+    paper = time_grid(60, "paper")
+    assert torch.equal(paper, torch.linspace(0, 1, 60, dtype=torch.float64))
+    assert len(paper) - 1 == 59
+    assert torch.equal(time_grid(60, "uniform"), uniform_grid(60))
+    counter = NFECounter(lambda x, t: torch.zeros_like(x))
+    sample(counter, torch.zeros(1, 2), paper)
+    assert counter.nfe == 59
+    with pytest.raises(ConfigError, match="grid: unknown value 'cosine'"):
+        time_grid(60, "cosine")
+    with pytest.raises(ConfigError, match="steps: 1 must be >= 2"):
+        time_grid(1, "paper")
