@@ -212,18 +212,18 @@ def _yaml(cfg: SweepConfig) -> str:
 
 def print_plan(cfg: SweepConfig, trials: Sequence[Trial]) -> None:
     """The resolved config, the trials and their stages, marking those already cached."""
-    from orchestrator.cache import StageRef
-    from orchestrator.stages import StageGraph
-    from orchestrator.sweep import cache_for
+    # The keys and the cache only (no StageGraph): a dry run imports no torch, ray or mlflow.
+    from orchestrator.cache import StageCache, StageRef
+    from orchestrator.stage_keys import stages_of
+    from orchestrator.storage import Storage
 
     print(_yaml(cfg), end="")
-    cache = cache_for(cfg)
-    graph = StageGraph(cfg, cache)
+    cache = StageCache(Storage(cfg.storage_uri), wait_timeout_s=cfg.cache_wait_timeout_s)
     refs: dict[str, StageRef] = {}
     users: dict[str, int] = {}
     print(f"\ntrials ({len(trials)}):")
     for number, trial in enumerate(trials, 1):
-        stages = graph.stages_of(trial)
+        stages = stages_of(cfg, trial)
         for ref in stages:
             refs.setdefault(ref.key, ref)
             users[ref.key] = users.get(ref.key, 0) + 1

@@ -25,18 +25,24 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar, cast
 
-import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from yaml import YAMLError
 
-from lfm_core.autoencoder import AutoencoderConfig
-from lfm_core.criteria import CRITERIA
-from lfm_core.data import DATASETS
+# lfm_core.configs, not the modules that use its configs: this module imports no torch.
+from lfm_core.configs import (
+    AUTOCAST_MODES,
+    CRITERIA,
+    DATASETS,
+    FEATURE_EXTRACTORS,
+    GRIDS,
+    METHODS,
+    VELOCITY_SIZES,
+    AutoencoderConfig,
+    TrainConfig,
+    VelocityConfig,
+)
 from lfm_core.errors import ConfigError, check_choice, check_range
-from lfm_core.solvers import GRIDS, METHODS
-from lfm_core.train import TrainConfig
-from lfm_core.velocity import VELOCITY_SIZES, VelocityConfig, build_velocity
 from orchestrator.storage import S3_SCHEME, check_storage_uri
 
 EMBEDDED_PROFILE = "embedded"
@@ -528,18 +534,47 @@ def _check_positive(key: str, value: int | None, optional: bool = False) -> None
         raise ConfigError(f"{key}: {value!r} must be a positive integer")
 
 
-def _check_model(key: str, name: str, width: int | None, cfg: SweepConfig) -> None:
-    """Build the network on the meta device (no memory): catches any size / width mismatch."""
+def _check_model(key: str, name: str, width: int | None) -> None:
+    """The network's name and width; `check_model_shapes` builds it (needs torch)."""
     check_choice(f"{key}.name", name, VELOCITY_SIZES)
     if width is not None:
         _check_positive(f"{key}.width", width)
+
+
+def _models(cfg: SweepConfig) -> list[tuple[str, str, int | None]]:
+    """(config key, size name, width) of every network the sweep trains."""
+    models = [
+        ("model", cfg.model.name, cfg.model.width),
+        ("reference", cfg.reference.name, cfg.reference.width),
+    ]
+    for study, grid in cfg.search.items():
+        models += [(f"search.{study}", cfg.model.name, width) for width in grid.width]
+    return models
+
+
+def check_model_shapes(cfg: SweepConfig) -> None:
+    """Build every network of the sweep on the meta device (no memory): catches any size /
+    width mismatch with the latent shape.
+
+    Not part of `validate`: it imports torch and diffusers (seconds), so `--dry-run` and config
+    errors answer without them; `lfm validate` and the checks before Ray starts
+    (`orchestrator.preflight`) call it.
+
+    Raises:
+        ConfigError: the first network that cannot be built, naming its key.
+    """
+    import torch
+
+    from lfm_core.velocity import build_velocity
+
     channels, side = cfg.autoencoder.latent_shape()
-    velocity = VelocityConfig(name=name, in_channels=channels, sample_size=side, width=width)
-    try:
-        with torch.device("meta"):
-            build_velocity(velocity)
-    except ConfigError as err:
-        raise ConfigError(f"{key}.{err}") from None
+    for key, name, width in dict.fromkeys(_models(cfg)):
+        velocity = VelocityConfig(name=name, in_channels=channels, sample_size=side, width=width)
+        try:
+            with torch.device("meta"):
+                build_velocity(velocity)
+        except ConfigError as err:
+            raise ConfigError(f"{key}.{err}") from None
 
 
 AUTOENCODER_KINDS = ("kl", "vq")
@@ -547,8 +582,6 @@ AUTOENCODER_KINDS = ("kl", "vq")
 
 def _validate_data_scale(cfg: SweepConfig) -> None:
     """The streaming data and autoencoder settings: folders only where they apply."""
-    from lfm_core.autoencoder import AUTOCAST
-
     if cfg.data.heldout_root is not None and cfg.data.name != "folder":
         raise ConfigError(
             f"data.heldout_root: only for data.name=folder (data.name is {cfg.data.name!r})"
@@ -558,7 +591,7 @@ def _validate_data_scale(cfg: SweepConfig) -> None:
     _check_positive("autoencoder.encode_batch_size", section.encode_batch_size)
     _check_positive("autoencoder.decode_batch_size", section.decode_batch_size)
     _check_positive("autoencoder.psnr_images", section.psnr_images, optional=True)
-    check_choice("autoencoder.autocast", section.autocast, tuple(AUTOCAST))
+    check_choice("autoencoder.autocast", section.autocast, AUTOCAST_MODES)
 
 
 AUTOENCODER_KINDS = ("kl", "vq")
@@ -585,8 +618,6 @@ def validate(cfg: SweepConfig) -> None:
     Raises:
         ConfigError: naming the first bad key and its allowed values.
     """
-    from lfm_core.features import FEATURE_EXTRACTORS
-
     if not _NAME.fullmatch(cfg.name):
         raise ConfigError(f"name: {cfg.name!r} must be letters, digits, '_', '.' or '-'")
     check_choice("data.name", cfg.data.name, DATASETS)
@@ -598,8 +629,8 @@ def validate(cfg: SweepConfig) -> None:
         extractor = getattr(cfg.features, role)
         check_choice(f"features.{role}.name", extractor.name, FEATURE_EXTRACTORS)
     _check_positive("features.batch_size", cfg.features.batch_size)
-    _check_model("model", cfg.model.name, cfg.model.width, cfg)
-    _check_model("reference", cfg.reference.name, cfg.reference.width, cfg)
+    _check_model("model", cfg.model.name, cfg.model.width)
+    _check_model("reference", cfg.reference.name, cfg.reference.width)
     _check_positive("reference.steps", cfg.reference.steps, optional=True)
     _check_positive("scoring.num_clusters", cfg.scoring.num_clusters, optional=True)
     for key in ("probe_steps", "num_noise", "batch_size"):
@@ -678,7 +709,7 @@ def _validate_search(cfg: SweepConfig) -> None:
         for criterion in grid.criterion:
             check_choice(f"{prefix}.criterion", criterion, CRITERIA)
         for width in grid.width:
-            _check_model(prefix, cfg.model.name, width, cfg)
+            _check_model(prefix, cfg.model.name, width)
         for t_split in grid.t_split:
             if t_split is not None:
                 check_range(f"{prefix}.t_split", t_split, 0.0, 1.0)

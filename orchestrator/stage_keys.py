@@ -20,8 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from lfm_core.coarse_to_fine import T_SPLIT_CANDIDATES
-from lfm_core.criteria import SCORE_CRITERIA
+from lfm_core.configs import SCORE_CRITERIA, T_SPLIT_CANDIDATES  # names only: no torch
 from orchestrator.cache import StageRef
 from orchestrator.config import SweepConfig
 from orchestrator.trials import Trial
