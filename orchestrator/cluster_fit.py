@@ -123,6 +123,11 @@ def fmt(resources: Mapping[str, float]) -> str:
     return "{" + ", ".join(items) + "}"
 
 
+def gpu_first(resources: Mapping[str, float]) -> list[tuple[str, float]]:
+    """Resources in the order errors name them: GPU (the scarce one) first, then by name."""
+    return sorted(resources.items(), key=lambda item: (item[0] != "GPU", item[0]))
+
+
 def _times(resources: Mapping[str, float], count: int) -> dict[str, float]:
     return {key: value * count for key, value in resources.items()}
 
@@ -161,13 +166,34 @@ def largest(nodes: Iterable[NodeType]) -> NodeType:
     return max(nodes, key=lambda n: (n.resources.get("GPU", 0.0), n.resources.get("CPU", 0.0)))
 
 
-def _placement_capacity(bundle: Bundle, nodes: list[NodeType], strategy: str) -> int:
-    """How many of `bundle`'s requests the whole cluster can place at its maximum size."""
-    if strategy == "STRICT_PACK":
-        return max((per_node(bundle, n) for n in nodes), default=0)
-    if strategy == "STRICT_SPREAD":
-        return sum(n.max_count for n in nodes if per_node(bundle, n) > 0)
-    return sum(n.max_count * min(per_node(bundle, n), UNLIMITED) for n in nodes)
+def worker_groups(demand: TrialDemand, nodes: list[NodeType]) -> int:
+    """How many whole worker groups the cluster can place at once at its maximum size."""
+    bundle = demand.workers
+    fitting = [n for n in nodes if per_node(bundle, n) > 0]
+    if demand.strategy == "STRICT_PACK":
+        return sum(n.max_count * (per_node(bundle, n) // bundle.count) for n in fitting)
+    if demand.strategy == "STRICT_SPREAD" and sum(n.max_count for n in fitting) < bundle.count:
+        return 0
+    slots = sum(n.max_count * min(per_node(bundle, n), UNLIMITED) for n in fitting)
+    return slots // bundle.count
+
+
+def _bundle_error(bundle: Bundle, nodes: list[NodeType], big: NodeType) -> str | None:
+    """Why no node type can hold one request of `bundle`; None when one can."""
+    if any(per_node(bundle, n) > 0 for n in nodes):
+        return None
+    for key, amount in gpu_first(bundle.resources):
+        most = max(n.resources.get(key, 0.0) for n in nodes)
+        if most < amount:
+            return (
+                f"resources: a {bundle.role} needs {key}: {amount:g} ({fmt(bundle.resources)}) "
+                f"but no node type has more than {key}: {most:g}; largest node: {big.name} "
+                f"{fmt(big.resources)}"
+            )
+    return (
+        f"resources: no node type holds a whole {bundle.role} {fmt(bundle.resources)}; "
+        f"largest node: {big.name} {fmt(big.resources)}"
+    )
 
 
 def fit_error(demand: TrialDemand, nodes: list[NodeType]) -> str | None:
@@ -176,29 +202,27 @@ def fit_error(demand: TrialDemand, nodes: list[NodeType]) -> str | None:
         return "resources: the cluster has no node types"
     big = largest(nodes)
     for bundle in demand.bundles:
-        if any(per_node(bundle, n) > 0 for n in nodes):
-            continue
-        for key, amount in sorted(bundle.resources.items()):
-            most = max(n.resources.get(key, 0.0) for n in nodes)
-            if most < amount:
-                return (
-                    f"resources: a {bundle.role} needs {key}: {amount:g} ({fmt(bundle.resources)}) "
-                    f"but no node type has more than {key}: {most:g}; largest node: {big.name} "
-                    f"{fmt(big.resources)}"
-                )
-        return (
-            f"resources: no node type holds a whole {bundle.role} {fmt(bundle.resources)}; "
-            f"largest node: {big.name} {fmt(big.resources)}"
-        )
+        error = _bundle_error(bundle, nodes, big)
+        if error is not None:
+            return error
+    if worker_groups(demand, nodes) >= 1:
+        return None
     workers = demand.workers
-    capacity = _placement_capacity(workers, nodes, demand.strategy)
-    if capacity < workers.count:
-        return (
-            f"resources: {workers.count} Ray Train workers x {fmt(workers.resources)} "
-            f"({demand.strategy}) but the cluster places at most {capacity} at its largest; "
-            f"largest node: {big.name} {fmt(big.resources)} (x{big.max_count})"
-        )
-    return None
+    total = _times(workers.resources, workers.count)
+    group = f"{workers.count} workers x {fmt(workers.resources)}, {demand.strategy}"
+    for key, amount in gpu_first(total):
+        most = max(n.resources.get(key, 0.0) for n in nodes)
+        if demand.strategy == "STRICT_PACK" and most < amount:
+            return (
+                f"resources: a Ray Train worker group ({group}) needs {key}: {amount:g} on one "
+                f"node but no node type has more than {key}: {most:g}; largest node: {big.name} "
+                f"{fmt(big.resources)}"
+            )
+    return (
+        f"resources: a Ray Train worker group ({group}) needs {fmt(total)} but the cluster "
+        f"cannot place it even at its largest; largest node: {big.name} {fmt(big.resources)} "
+        f"(up to {big.max_count})"
+    )
 
 
 def check_fit(demand: TrialDemand, nodes: list[NodeType]) -> None:
@@ -218,8 +242,7 @@ def max_concurrent(demand: TrialDemand, nodes: list[NodeType], cap: int | None) 
         (math.floor(total.get(k, 0.0) / v + 1e-9) for k, v in demand.peak().items() if v > 0),
         default=UNLIMITED,
     )
-    placed = _placement_capacity(demand.workers, nodes, demand.strategy) // demand.workers.count
-    fit = max(1, min(fit, placed))
+    fit = max(1, min(fit, worker_groups(demand, nodes)))
     return min(fit, cap) if cap else fit
 
 

@@ -51,7 +51,12 @@ HEAD, CPU_WORKERS, GPU_WORKERS = "ray.head.cpu", "ray.worker.cpu", "ray.worker.g
 GPU_GROUP, CPU_GROUP = "gpu", "cpu"
 GPU_LIMIT = "nvidia.com/gpu"
 STORAGE_VAR, TRACKING_VAR = "LFM_STORAGE", "MLFLOW_TRACKING_URI"
-SWEEP_COMMAND = "lfm sweep sweeps/data_reduction.yaml profile=paper"
+SWEEP_COMMAND = (
+    "lfm sweep sweeps/data_reduction.yaml profile=paper --cluster cluster/kuberay-rayjob.yaml"
+)
+SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
+CLUSTER_FILE_NAME = re.compile(r"cluster/[\w.-]+\.yaml")
+PAPER_GPUS_PER_NODE = 8
 # KubeRay's MaxRayJobNameLength: 53 (longest service suffix) less 6 for the cluster suffix.
 MAX_RAYJOB_NAME = 47
 DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
@@ -313,7 +318,7 @@ def test_aws_config_installs_the_project_on_the_image_ray(aws: dict[str, Any]) -
     assert aws["docker"]["image"] == IMAGE
     mount = next(remote for remote, local in aws["file_mounts"].items() if local == ".")
     install = aws["setup_commands"][0]
-    assert f"-e {mount}" in install
+    assert f'-e "$HOME/{mount.removeprefix("~/")}[paper]"' in install
     assert f"ray[default,train,tune]=={ray.__version__}" in install
     env = _docker_env(aws)
     assert check_storage_uri(env[STORAGE_VAR]).startswith("s3://")
@@ -410,7 +415,7 @@ def test_rayjob_passes_kuberay_rules_and_ray_validation(rayjob: dict[str, Any]) 
     autoscaler = validate_rayjob(rayjob)
     types = autoscaler["available_node_types"]
     assert types["headgroup"]["resources"]["CPU"] == 0
-    assert types[GPU_GROUP]["resources"]["GPU"] == 1
+    assert types[GPU_GROUP]["resources"]["GPU"] == PAPER_GPUS_PER_NODE
     assert "GPU" not in types[CPU_GROUP]["resources"]
     for name in (GPU_GROUP, CPU_GROUP):
         group = _group(rayjob, name)
@@ -431,15 +436,17 @@ def test_rayjob_runs_the_sweep_on_the_project_image(
         _group(rayjob, name)["template"]["spec"]["containers"][0] for name in (GPU_GROUP, CPU_GROUP)
     ]
     assert {c["image"] for c in [head, *workers]} == {aws["docker"]["image"]}
-    assert workers[0]["resources"]["limits"][GPU_LIMIT] == "1"
+    assert workers[0]["resources"]["limits"][GPU_LIMIT] == str(PAPER_GPUS_PER_NODE)
     assert GPU_LIMIT not in workers[1]["resources"].get("limits", {})
 
 
 def test_rayjob_runtime_env_matches_pyproject(rayjob: dict[str, Any]) -> None:
-    """The job installs exactly pyproject's dependencies, less Ray (the image has it)."""
+    """The job installs exactly pyproject's dependencies, less Ray (the image has it), and its
+    `paper` extra."""
     with PYPROJECT.open("rb") as f:
         project = tomllib.load(f)["project"]
     wanted = {str(r) for r in map(Requirement, project["dependencies"]) if r.name != "ray"}
+    wanted |= {str(Requirement(r)) for r in project["optional-dependencies"]["paper"]}
     env = _runtime_env(rayjob)
     assert {str(Requirement(r)) for r in env["pip"]["packages"]} == wanted
     assert check_storage_uri(env["env_vars"][STORAGE_VAR]).startswith("s3://")
@@ -460,8 +467,11 @@ def test_rayjob_entrypoint_sweep_resolves_with_the_job_env(
 ) -> None:
     command = shlex.split(rayjob["spec"]["entrypoint"].split("&&")[-1])
     assert command[:2] == ["lfm", "sweep"]
-    sweep_file, overrides = ROOT / command[2], command[3:]
-    from orchestrator import config
+    from orchestrator import cli, config
+
+    args = cli.build_parser().parse_args(command[1:])
+    sweep_file, overrides = ROOT / args.file, args.overrides
+    assert (ROOT / args.cluster).is_file()
 
     env_vars = _runtime_env(rayjob)["env_vars"]
     for key, value in env_vars.items():
@@ -618,3 +628,136 @@ def test_ray_itself_rejects_worker_minimums_above_the_cluster_maximum(
     _group(broken, GPU_GROUP)["minReplicas"] = 1
     with pytest.raises(ValueError, match=r"global `max_workers` is smaller than the sum"):
         _autoscaler_config("x", broken["spec"]["rayClusterSpec"])
+
+
+# --- the sweeps' paper profiles against the cluster files their comments name ----------------
+
+
+def _paper_sweeps() -> list[tuple[Path, Path]]:
+    """(sweep file, cluster file) for every sweep with a paper profile and every cluster file
+    its text names."""
+    pairs = []
+    for sweep in SWEEPS:
+        text = sweep.read_text()
+        if "profiles:" not in text or "\n  paper:" not in text:
+            continue
+        names = sorted(set(CLUSTER_FILE_NAME.findall(text)))
+        assert names, f"{sweep.name}: its paper profile names no cluster file"
+        pairs += [(sweep, ROOT / name) for name in names]
+    return pairs
+
+
+def _dry_run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    from orchestrator import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    captured = capsys.readouterr()
+    return int(exit_info.value.code or 0), captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    ("sweep", "cluster"), _paper_sweeps(), ids=lambda p: p.name if isinstance(p, Path) else p
+)
+def test_paper_profile_fits_its_cluster_file(
+    sweep: Path, cluster: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = ["sweep", str(sweep), "profile=paper", f"storage={tmp_path}", "--dry-run"]
+    status, out, err = _dry_run([*argv, "--cluster", str(cluster)], capsys)
+    assert status == 0, err
+    assert "fits: yes" in out
+    # The paper profiles' trial drivers hold no GPU; their workers one 8-GPU node each.
+    assert "trial demand: driver {CPU: 1} + 8 workers x {CPU: 8, GPU: 1} + stage task" in out
+    from orchestrator import cluster_fit
+
+    nodes = cluster_fit.node_types_from_file(cluster)
+    assert max(n.resources.get("GPU", 0) for n in nodes) == PAPER_GPUS_PER_NODE
+
+
+@pytest.mark.parametrize("cluster", [AWS_FILE, RAYJOB_FILE], ids=lambda p: p.name)
+def test_a_worker_group_larger_than_any_node_is_refused_in_one_line(
+    cluster: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    sweep = ROOT / "sweeps" / "data_reduction.yaml"
+    argv = ["sweep", str(sweep), "profile=paper", f"storage={tmp_path}", "resources.num_workers=16"]
+    argv += ["--dry-run", "--cluster", str(cluster)]
+    status, _, err = _dry_run(argv, capsys)
+    assert status == 2
+    line = err.strip()
+    assert "\n" not in line
+    assert line.startswith("lfm sweep: error: resources: a Ray Train worker group")
+    assert "needs GPU: 16 on one node but no node type has more than GPU: 8" in line
+
+
+def test_gpu_demand_on_a_cpu_only_cluster_is_refused(tmp_path: Path) -> None:
+    from lfm_core.errors import ConfigError
+    from orchestrator import cluster_fit
+    from orchestrator.config import load_sweep
+
+    cfg = load_sweep(
+        ROOT / "sweeps" / "tiny.yaml", [f"storage={tmp_path}", "resources.use_gpu=true"]
+    )
+    head = [cluster_fit.NodeType("node 127.0.0.1", {"CPU": 2.0}, 1)]
+    with pytest.raises(ConfigError) as info:
+        cluster_fit.check_fit(cluster_fit.trial_demand(cfg.resources), head)
+    assert str(info.value) == (
+        "resources: a Ray Train worker needs GPU: 1 ({CPU: 1, GPU: 1}) but no node type has "
+        "more than GPU: 0; largest node: node 127.0.0.1 {CPU: 2}"
+    )
+
+
+def test_launcher_resources_are_inferred_from_known_instance_types() -> None:
+    from lfm_core.errors import ConfigError
+    from orchestrator import cluster_fit
+
+    config = {
+        "max_workers": 3,
+        "head_node_type": "head",
+        "available_node_types": {
+            "head": {"resources": {"CPU": 0}, "node_config": {"InstanceType": "m5.2xlarge"}},
+            "p5": {"max_workers": 2, "node_config": {"InstanceType": "p5.48xlarge"}},
+            "g5": {"max_workers": 5, "resources": {}, "node_config": {"InstanceType": "g5.xlarge"}},
+        },
+    }
+    types = {t.name: t for t in cluster_fit.node_types_from_launcher(config)}
+    assert types["head"] == cluster_fit.NodeType("head", {"CPU": 0.0}, 1)
+    assert types["p5"] == cluster_fit.NodeType("p5", {"CPU": 192.0, "GPU": 8.0}, 2)
+    assert types["g5"] == cluster_fit.NodeType("g5", {"CPU": 4.0, "GPU": 1.0}, 3)  # global cap
+    config["available_node_types"]["g5"]["node_config"]["InstanceType"] = "x9.huge"
+    with pytest.raises(ConfigError, match=r"node type g5: instance type 'x9.huge' has no known"):
+        cluster_fit.node_types_from_launcher(config)
+
+
+def test_kuberay_groups_read_limits_and_ray_start_params(rayjob: dict[str, Any]) -> None:
+    from orchestrator import cluster_fit
+
+    job = copy.deepcopy(rayjob)
+    _group(job, CPU_GROUP)["rayStartParams"] = {"num-cpus": "2", "resources": '"{\\"node_a\\": 1}"'}
+    types = {t.name: t for t in cluster_fit.node_types_from_kuberay(job)}
+    assert types["headgroup"] == cluster_fit.NodeType("headgroup", {"CPU": 0.0}, 1)
+    assert types[GPU_GROUP] == cluster_fit.NodeType(GPU_GROUP, {"CPU": 90.0, "GPU": 8.0}, 4)
+    assert types[CPU_GROUP] == cluster_fit.NodeType(CPU_GROUP, {"CPU": 2.0, "node_a": 1.0}, 4)
+    # The same node types as Ray's own derivation inside a KubeRay head pod.
+    derived = _autoscaler_config("x", rayjob["spec"]["rayClusterSpec"])["available_node_types"]
+    for name, node in cluster_fit_types(rayjob).items():
+        ours = {k: v for k, v in derived[name]["resources"].items() if k in ("CPU", "GPU")}
+        assert ours == dict(node.resources)
+
+
+def cluster_fit_types(job: dict[str, Any]) -> dict[str, Any]:
+    from orchestrator import cluster_fit
+
+    return {t.name: t for t in cluster_fit.node_types_from_kuberay(job)}
+
+
+def test_concurrency_comes_from_the_autoscalers_maximum(tmp_path: Path) -> None:
+    from orchestrator import cluster_fit
+    from orchestrator.config import load_sweep
+
+    sweep = ROOT / "sweeps" / "data_reduction.yaml"
+    cfg = load_sweep(sweep, ["profile=paper", f"storage={tmp_path}"])
+    demand = cluster_fit.trial_demand(cfg.resources)
+    nodes = cluster_fit.node_types_from_file(AWS_FILE)
+    # A fresh cluster is the head alone; its maximum is 4 GPU nodes of 8 GPUs: 4 trials.
+    assert cluster_fit.max_concurrent(demand, nodes, None) == 4
+    assert cluster_fit.max_concurrent(demand, nodes, 2) == 2
