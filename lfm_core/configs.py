@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from lfm_core.velocity import VelocityModel
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# The narrowest velocity network lfm_core.velocity.build_velocity accepts.
+MIN_WIDTH = 4
 # Mirrors of heavy modules' registries (the module named is the owner).
 T_SAMPLING = ("uniform", "logit_normal")  # lfm_core.paths.T_SAMPLING
 AUTOCAST_MODES = ("no", "bf16", "fp16")  # keys of lfm_core.autoencoder.AUTOCAST
@@ -154,6 +156,10 @@ class VelocityConfig:
     sample_size: int = 8
     num_classes: int = 0
     width: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.width is not None and self.width < MIN_WIDTH:
+            raise ConfigError(f"width: {self.width} must be an integer >= {MIN_WIDTH}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -316,9 +316,11 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from orchestrator.config import check_model_shapes
     from orchestrator.trials import expand_trials
 
     cfg = _load(args)
+    check_model_shapes(cfg)
     print(_yaml(cfg), end="")
     print(f"ok: {len(expand_trials(cfg))} trials")
     return 0

@@ -539,6 +539,10 @@ def _check_model(key: str, name: str, width: int | None) -> None:
     check_choice(f"{key}.name", name, VELOCITY_SIZES)
     if width is not None:
         _check_positive(f"{key}.width", width)
+    try:
+        VelocityConfig(name=name, width=width)
+    except ConfigError as err:
+        raise ConfigError(f"{key}.{err}") from None
 
 
 def _models(cfg: SweepConfig) -> list[tuple[str, str, int | None]]:

@@ -18,7 +18,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from lfm_core.errors import ConfigError
-from orchestrator.config import LOCAL_PATH_PREFIXES, SQLITE_PREFIX, SweepConfig
+from orchestrator.config import (
+    LOCAL_PATH_PREFIXES,
+    SQLITE_PREFIX,
+    SweepConfig,
+    check_model_shapes,
+)
 
 CONNECT_TIMEOUT_S = 3.0
 # Files a local model folder holds: weights or a config naming them.
@@ -142,15 +147,16 @@ def check_model_path(key: str, value: str | None) -> None:
 
 
 def check_before_ray(cfg: SweepConfig, address: str | None) -> None:
-    """Every check that needs no Ray: the Ray address (when given), the tracking URI, and on a
-    local run the data and model paths.
+    """Every check that needs no Ray: the Ray address (when given), the tracking URI, the
+    networks' shapes (`check_model_shapes`), and on a local run the data and model paths.
 
     Raises:
         ConfigError: the first failing check, in one line.
     """
     if address:
-        check_ray_address(address)
+        check_ray_address(address)  # first: before anything that takes seconds
     check_tracking(cfg.tracking_uri)
+    check_model_shapes(cfg)  # torch and diffusers load here
     if address:
         return  # the paths are the cluster's
     check_data(cfg)

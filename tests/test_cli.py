@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from lfm_core import configs
 from lfm_core.errors import ConfigError
 from orchestrator import cli, preflight
 
 HEAVY = ("torch", "ray", "mlflow", "diffusers")
+REPO = Path(__file__).resolve().parents[1]
+# A dead address fails within the TCP connect timeout; the rest is Python's start-up.
+DEAD_ADDRESS_LIMIT_S = 20
 
 
 def test_importing_the_cli_imports_no_heavy_package() -> None:
@@ -23,6 +29,36 @@ def test_importing_the_cli_imports_no_heavy_package() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == ""
+
+
+def test_a_dry_run_imports_no_heavy_package(tmp_path: Path) -> None:
+    """Everything `lfm sweep --dry-run` imports (config, trials, schema, stage keys, cache)."""
+    argv = ["sweep", str(REPO / "sweeps/quickstart.yaml"), f"storage={tmp_path}", "--dry-run"]
+    code = (
+        "import sys\n"
+        "from orchestrator import cli\n"
+        "try:\n"
+        f"    cli.main({argv!r})\n"
+        "finally:\n"
+        f"    print('heavy:', ','.join(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    assert "\ntrials (" in run.stdout
+    assert run.stdout.rstrip().splitlines()[-1] == "heavy:"
+
+
+def test_light_name_mirrors_equal_their_registries() -> None:
+    from lfm_core import autoencoder, coarse_to_fine, criteria, data, features, paths, solvers
+
+    assert configs.T_SAMPLING == paths.T_SAMPLING
+    assert tuple(autoencoder.AUTOCAST) == configs.AUTOCAST_MODES
+    assert configs.DATASETS == data.DATASETS
+    assert (configs.METHODS, configs.GRIDS) == (solvers.METHODS, solvers.GRIDS)
+    assert configs.CRITERIA == criteria.CRITERIA
+    assert configs.SCORE_CRITERIA == criteria.SCORE_CRITERIA
+    assert tuple(features.FEATURE_EXTRACTORS) == configs.FEATURE_EXTRACTORS
+    assert configs.T_SPLIT_CANDIDATES == coarse_to_fine.T_SPLIT_CANDIDATES
 
 
 def test_help_lists_export() -> None:
@@ -85,3 +121,30 @@ def test_model_paths_must_hold_model_files(tmp_path) -> None:
     preflight.check_model_path("features.fid.path", "facebook/dinov2-small")  # hub id: later
     with pytest.raises(ConfigError, match="does not exist"):
         preflight.check_model_path("features.fid.path", str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize(
+    ("env", "flags"),
+    [({"RAY_ADDRESS": "127.0.0.1:1"}, []), ({}, ["--address", "http://127.0.0.1:1"])],
+    ids=["RAY_ADDRESS", "--address"],
+)
+def test_lfm_sweep_against_a_dead_address_is_one_line_exit_2(
+    tmp_path: Path, env: dict[str, str], flags: list[str]
+) -> None:
+    """As a user runs it: the address is probed before the heavy imports and before Ray."""
+    command = [sys.executable, "-m", "orchestrator", "sweep", str(REPO / "sweeps/tiny.yaml")]
+    started = time.perf_counter()
+    run = subprocess.run(
+        [*command, f"storage={tmp_path}", *flags],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "RAY_ADDRESS": "", **env},
+        timeout=DEAD_ADDRESS_LIMIT_S * 3,
+    )
+    assert time.perf_counter() - started < DEAD_ADDRESS_LIMIT_S
+    assert run.returncode == cli.EXIT_BAD_INPUT
+    assert run.stdout == ""
+    assert len(run.stderr.splitlines()) == 1
+    assert run.stderr.startswith("lfm sweep: error: ray address ")
+    assert "nothing answers at 127.0.0.1:1" in run.stderr
