@@ -50,7 +50,7 @@ from orchestrator.datasets import (
 )
 from orchestrator.sample_workers import sample_stage, stack
 from orchestrator.schema import CHOSEN_T_SPLIT
-from orchestrator.stage_keys import FULL_SUBSET
+from orchestrator.stage_keys import FULL_SUBSET, HALF_SUBSET, HALVES
 from orchestrator.trainers import FitJob
 
 if TYPE_CHECKING:
@@ -182,6 +182,10 @@ def build_subset(graph: StageGraph, ref: StageRef, folder: Path) -> None:
     n, inputs = labels.shape[0], ref.inputs
     if inputs["criterion"] == FULL_SUBSET:
         indices = torch.arange(n)
+    elif inputs["criterion"] == HALF_SUBSET:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(inputs["seed"]))
+        start = (n // 2) * HALVES.index(inputs["half"])
+        indices = order[start : start + n // 2].sort().values
     else:
         up = ref.upstream
         features = (

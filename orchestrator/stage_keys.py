@@ -44,6 +44,8 @@ VERSIONS = {
 # Stages read from their source rather than stored in the cache.
 SOURCE_STAGES = ("dataset",)
 FULL_SUBSET = "all"
+HALF_SUBSET = "halves"
+HALVES = ("A", "B")
 # The one criterion that reads neither features nor scores.
 RANDOM = "random"
 # Probe models (for "loss" / "grad" scores) are trained with this seed whatever the trial's.
@@ -138,6 +140,15 @@ def subset(cfg: SweepConfig, fraction: float, criterion: str, seed: int) -> Stag
     if criterion.startswith(("cluster_", "balanced_")):
         inputs["num_clusters"] = cfg.scoring.num_clusters
     return _ref("subset", inputs, upstream)
+
+
+def half(cfg: SweepConfig, which: str, seed: int) -> StageRef:
+    """Half "A" or "B" of the train latents: two disjoint sets of N // 2 indices of a seeded
+    permutation (the stability-across-data experiment trains one model on each)."""
+    if which not in HALVES:
+        raise ValueError(f"half: {which!r} is not one of {', '.join(HALVES)}")
+    inputs = {"fraction": 0.5, "criterion": HALF_SUBSET, "half": which, "seed": seed}
+    return _ref("subset", inputs, {"latents": latents(cfg)})
 
 
 def fm_model(

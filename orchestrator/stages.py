@@ -87,11 +87,17 @@ class Execution:
     data_pool: ActorPool = ActorPool()
 
     @classmethod
-    def of(cls, cfg: SweepConfig, trainer: Trainer, progress: bool = True) -> Execution:
-        """The execution settings a sweep config asks for."""
+    def of(
+        cls,
+        cfg: SweepConfig,
+        trainer: Trainer,
+        progress: bool = True,
+        device: torch.device | None = None,
+    ) -> Execution:
+        """The execution settings a sweep config asks for (device None: `default_device()`)."""
         return cls(
             trainer=trainer,
-            device=default_device(),
+            device=device or default_device(),
             progress=progress,
             feature_batch_size=cfg.features.batch_size,
             sample_batch_size=cfg.sampling.batch_size,
@@ -118,6 +124,7 @@ class StageGraph:
         cache: the stage cache (its storage holds Ray Train runs too).
         trainer: trains fm_model stages; None: a Ray Train worker group per model.
         progress: show tqdm bars while building.
+        device: where models run; None: the GPU when there is one.
     """
 
     def __init__(
@@ -126,11 +133,13 @@ class StageGraph:
         cache: StageCache,
         trainer: Trainer | None = None,
         progress: bool = True,
+        device: torch.device | str | None = None,
     ) -> None:
         self.cfg = cfg
         self.cache = cache
         trainer = trainer or RayTrainer(cfg.resources, cache.storage.uri)
-        self.execution = Execution.of(cfg, trainer, progress)
+        chosen = None if device is None else torch.device(device)
+        self.execution = Execution.of(cfg, trainer, progress, chosen)
 
     # ---- the trial's stages --------------------------------------------------------------------
 
