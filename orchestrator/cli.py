@@ -42,8 +42,13 @@ POINT_STUDY = "cli"
 # Lines of Ray's known noise on a sweep's terminal (worker logs relayed to the driver).
 NOISE = re.compile(
     r"PlacementGroupCleaner|Failed to query|Reporting training result|tensorboard --logdir"
-    r"|To visualize your results with TensorBoard|\d+%\|.*\|.*it/s|building stage "
+    r"|To visualize your results with TensorBoard|\d+%\|[^|]*\| *\d+/\d+ \[|building stage "
+    # Ray Train's start-up of each model's worker group (the stage's "built" line follows).
+    r"|Requesting resources: |Attempting to start training worker group|Started training worker"
+    r"| world_rank=\d+, local_rank=|Setting up process group for"
 )
+# The "(worker pid=N)" prefix Ray puts before each relayed piece of a line, colour codes and all.
+RAY_PREFIX = re.compile(r"(\x1b\[[\d;]*m)*\([\w:.-]+ pid=\d+(, ip=[\d.]+)?\)(\x1b\[[\d;]*m)* ?")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -67,7 +72,8 @@ class QuietStream:
         self.pending += text
         *lines, self.pending = re.split(r"(?<=[\n\r])", self.pending)
         for line in lines:
-            if not NOISE.search(line):
+            # A piece that is only Ray's prefix was a progress bar before Ray relayed it.
+            if not NOISE.search(line) and RAY_PREFIX.sub("", line).strip():
                 self.stream.write(line)
         return len(text)
 
@@ -86,7 +92,7 @@ def quiet_terminal() -> None:
     if not isinstance(sys.stdout, QuietStream):
         sys.stdout = QuietStream(sys.stdout)  # type: ignore[assignment]
         sys.stderr = QuietStream(sys.stderr)  # type: ignore[assignment]
-    for name in ("ray.train", "ray.tune", "ray.air", "ray.util.state"):
+    for name in ("ray.train", "ray.tune", "ray.air", "ray.util.state", "mlflow.store.db.utils"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # A failed trial is one line in the closing summary; its traceback goes to the log file.
     controller = logging.getLogger("ray.tune.execution.tune_controller")

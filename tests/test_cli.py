@@ -75,7 +75,16 @@ def test_quiet_stream_drops_ray_noise_lines_only() -> None:
     stream.write("line\n(RayTrainWorker) Reporting training result 3: ...\n")
     stream.write(" 40%|████      | 4/10 [00:01<00:02,  3.1it/s]\r")
     stream.write("orchestrator.cache: built stage latents 0123 in 1.0s\n")
-    assert sink.getvalue() == "kept line\norchestrator.cache: built stage latents 0123 in 1.0s\n"
+    prefix = "\x1b[36m(trial_driver pid=27420)\x1b[0m "
+    stream.write(
+        f"{prefix}\r{prefix}\rclassifier epochs:  12%|█▎     | 1/8 [00:40<04:40, 40.07s/it]\n"
+    )
+    stream.write(f"{prefix}\r{prefix}\r{prefix}built stage fm_model 4567 in 2.0s\n")
+    stream.write("(TrainController pid=7) Requesting resources: {'CPU': 1.0} * 1\n")
+    assert sink.getvalue() == (
+        "kept line\norchestrator.cache: built stage latents 0123 in 1.0s\n"
+        f"{prefix}built stage fm_model 4567 in 2.0s\n"
+    )
 
 
 def test_sample_facts_of_a_single_model_give_one_nfe() -> None:
