@@ -153,7 +153,8 @@ def _on_device(
     if not isinstance(latents, Tensor):
         return latents
     use_labels = labels is not None and model.config.num_classes > 0
-    return TensorLatents(latents.to(device), labels.to(device) if use_labels else None)
+    on_device = labels.to(device) if labels is not None and use_labels else None
+    return TensorLatents(latents.to(device), on_device)
 
 
 def _setup(

@@ -203,23 +203,28 @@ def stream(
     Raises:
         RuntimeError: a batch came back out of order (the rows would not match the labels).
     """
-    mapped = source.dataset(pool.cpus).map_batches(
-        actor,
-        fn_constructor_args=args,
-        batch_size=pool.batch_size,
-        concurrency=pool.actors,
-        num_cpus=pool.cpus,
-        num_gpus=1 if pool.use_gpu else 0,
-        batch_format="numpy",
-    )
+    with _ordered():  # a dataset keeps the context it was made in: make it inside
+        mapped = source.dataset(pool.cpus).map_batches(
+            actor,
+            fn_constructor_args=args,
+            batch_size=pool.batch_size,
+            concurrency=pool.actors,
+            num_cpus=pool.cpus,
+            num_gpus=1 if pool.use_gpu else 0,
+            batch_format="numpy",
+        )
+        yield from _in_order(mapped, source)
+
+
+def _in_order(dataset: Any, source: ImageSource) -> Iterator[dict[str, np.ndarray]]:
+    """The dataset's batches, checked to hold the source's files in the listing's order."""
     expected, seen = source.paths(), 0
-    with _ordered():
-        for batch in mapped.iter_batches(batch_size=None, batch_format="numpy"):
-            paths = [str(p) for p in batch["path"]]
-            if paths != expected[seen : seen + len(paths)]:
-                raise RuntimeError(f"{source.root}: Ray Data returned rows out of order at {seen}")
-            seen += len(paths)
-            yield batch
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        paths = [str(p) for p in batch["path"]]
+        if paths != expected[seen : seen + len(paths)]:
+            raise RuntimeError(f"{source.root}: Ray Data returned rows out of order at {seen}")
+        seen += len(paths)
+        yield batch
     if seen != len(expected):
         raise RuntimeError(f"{source.root}: {seen} of {len(expected)} images came back")
 
@@ -284,13 +289,9 @@ def _rss(n: int) -> np.ndarray:
 def collect(source: ImageSource, cpus: float = ActorPool.cpus) -> ImageDataset:
     """The source's images as one tensor (N, C, S, S) in [-1, 1]: for small folders only
     (autoencoder training, a bounded PSNR subset); large stages stream instead."""
-    expected, chunks = source.paths(), []
     with _ordered():
-        for batch in source.dataset(cpus).iter_batches(batch_size=None, batch_format="numpy"):
-            chunks.append(unit_images(batch["image"]))
-    images = torch.cat(chunks)
-    if images.shape[0] != len(expected):
-        raise RuntimeError(f"{source.root}: {images.shape[0]} of {len(expected)} images read")
+        batches = _in_order(source.dataset(cpus), source)
+        images = torch.cat([unit_images(batch["image"]) for batch in batches])
     labels = torch.from_numpy(source.listing.labels.copy())
     return ImageDataset(images, labels, source.listing.num_classes, "folder")
 
@@ -323,7 +324,7 @@ class ShardWriter:
     def __init__(self, folder: Path, rows_per_shard: int | None = None) -> None:
         self.folder, self.rows_per_shard = folder, rows_per_shard
         self.buffer: dict[str, list[np.ndarray]] = {}
-        self.buffered, self.rows = 0, []
+        self.buffered, self.rows = 0, list[int]()
         (folder / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
 
     def add(self, arrays: dict[str, np.ndarray]) -> None:

@@ -38,7 +38,7 @@ from lfm_core.flops import flop_speedup_bound, forward_flops
 from lfm_core.metrics import ReferenceStats, fid, precision_recall, stability
 from lfm_core.sampling import guided, seed_labels, time_against_reference
 from lfm_core.solvers import seeded_noise
-from lfm_core.train import TensorLatents, TrainConfig
+from lfm_core.train import LatentSource, TensorLatents, TrainConfig
 from lfm_core.velocity import VelocityConfig
 from orchestrator.cache import StageCache, StageRef
 from orchestrator.datasets import (
@@ -85,7 +85,7 @@ def read_info(folder: Path) -> dict[str, Any]:
 
 def load_training_data(
     cache: StageCache, latents: StageRef, subset: StageRef, conditional: bool
-) -> tuple[Tensor, Tensor | None]:
+) -> tuple[Tensor | LatentSource, Tensor | None]:
     """The training data of a subset; runs on the training workers.
 
     Returns:

@@ -152,3 +152,16 @@ def test_default_config_gives_4x8x8_latents() -> None:
     vae = build_autoencoder(AutoencoderConfig())
     latents = encode(vae, torch.zeros(2, 1, 32, 32), progress=False)
     assert latents.shape == (2, 4, 8, 8)
+
+
+def test_autocast_and_batch_sizes(vae, images: torch.Tensor) -> None:
+    exact = encode(vae, images, batch_size=48, progress=False)
+    under_bf16 = encode(vae, images, batch_size=48, progress=False, autocast="bf16")
+    assert under_bf16.dtype == torch.float32 and not torch.equal(under_bf16, exact)
+    assert torch.allclose(under_bf16, exact, atol=0.1 * exact.abs().max().item())
+    recon = decode(vae, exact, batch_size=7, progress=False)
+    assert torch.allclose(recon, decode(vae, exact, batch_size=48, progress=False), atol=1e-5)
+    psnr = reconstruction_psnr(vae, images, batch_size=16, decode_batch_size=5)
+    assert psnr == pytest.approx(reconstruction_psnr(vae, images), abs=1e-3)
+    with pytest.raises(ConfigError, match="autocast"):
+        encode(vae, images, progress=False, autocast="fp8")

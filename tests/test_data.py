@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lfm_core.data import DATASETS, ImageDataset, load_dataset
+from lfm_core.data import DATASETS, ImageDataset, list_folder, listing_of, load_dataset
 from lfm_core.errors import ConfigError
 
 MNIST5K_SIZE = 5000
@@ -128,3 +128,34 @@ def test_torchvision_root_defaults_to_env(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.setenv("LFM_DATA_DIR", str(tmp_path / "from_env"))
     with pytest.raises(ConfigError, match="from_env"):
         load_dataset("mnist")
+
+
+def test_listing_reads_no_image_and_keeps_the_data_set_order() -> None:
+    files = ["b/2.png", "b/1.png", "a-b/9.jpg", "a/x.png", "top.png", "a/notes.txt", "a/deep/z.png"]
+    listing = listing_of(files)
+    # Classes sorted by name, then files by name; top-level and deeper files are ignored.
+    assert listing.classes == ("a", "a-b", "b")
+    assert listing.files == ("a/x.png", "a-b/9.jpg", "b/1.png", "b/2.png")
+    assert listing.labels.tolist() == [0, 1, 2, 2] and listing.num_classes == 3
+    flat = listing_of(["c.png", "a.PNG", "b.txt"])
+    assert flat.files == ("a.PNG", "c.png") and flat.classes == () and flat.num_classes == 1
+    with pytest.raises(ConfigError, match="not among the training classes"):
+        listing_of(["zebra/1.png"], classes=("a", "b"))
+
+
+def test_flat_folder_and_validation_folder(tmp_path: Path) -> None:
+    flat = tmp_path / "flat"
+    _write_folder(tmp_path, {"flat": 20}, (12, 12), "L")
+    train = load_dataset("folder", root=flat, image_size=8)
+    heldout = load_dataset("folder", "heldout", root=flat, image_size=8)
+    assert (len(train), len(heldout), train.num_classes) == (18, 2, 1)
+    assert list_folder(flat).files[:2] == ("0.png", "1.png")
+    _write_folder(tmp_path / "train", {"a": 3, "b": 2}, (12, 12), "L")
+    _write_folder(tmp_path / "val", {"a": 1, "b": 2}, (12, 12), "L")
+    train = load_dataset(
+        "folder", root=tmp_path / "train", image_size=8, heldout_root=tmp_path / "val"
+    )
+    heldout = load_dataset(
+        "folder", "heldout", root=tmp_path / "train", image_size=8, heldout_root=tmp_path / "val"
+    )
+    assert (len(train), len(heldout)) == (5, 3) and heldout.labels.tolist() == [0, 1, 1]
