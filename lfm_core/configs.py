@@ -170,34 +170,57 @@ class VelocitySize:
     """One entry of VELOCITY_SIZES: a network family and its base size, called as a factory.
 
     Attributes:
-        family: "unet" (lfm_core.velocity.UNetVelocity) or "dit" (DiTVelocity).
+        family: "unet" (lfm_core.velocity.UNetVelocity, diffusers' UNet2DModel), "dit"
+            (DiTVelocity) or "punet" (lfm_core.paper_unet.PaperUNetVelocity, the paper's UNet).
         base_width: UNet channels of the first level / DiT hidden size (a config's `width`
             overrides it).
-        depth: UNet ResNet layers per block / DiT transformer blocks.
+        depth: UNet ResNet layers per block / DiT transformer blocks (unused by "punet").
+        patch: DiT patch size (2, 4 or 8).
+        heads: DiT attention heads (DiT's table); None: hidden size // 64.
+        channel_mult: "punet" channel multipliers per level.
     """
 
     family: str
     base_width: int
     depth: int
+    patch: int = 2
+    heads: int | None = None
+    channel_mult: tuple[int, ...] = ()
 
     def __call__(self, config: VelocityConfig) -> VelocityModel:
         from lfm_core import velocity  # torch and diffusers: only when a network is built
 
         if self.family == "unet":
             return velocity.UNetVelocity(config, self.base_width, layers_per_block=self.depth)
-        return velocity.DiTVelocity(config, self.base_width, depth=self.depth)
+        if self.family == "punet":
+            from lfm_core.paper_unet import PaperUNetVelocity
+
+            return PaperUNetVelocity(config, self.base_width, self.channel_mult)
+        return velocity.DiTVelocity(
+            config, self.base_width, depth=self.depth, patch=self.patch, heads=self.heads
+        )
 
 
-# DiT sizes follow the DiT paper (S: 384 x 12, B: 768 x 12, L: 1024 x 24, XL: 1152 x 28);
-# "xs" sizes are for CPU-scale latents.
+# DiT sizes follow the DiT paper (hidden x depth, heads: S 384 x 12, 6; B 768 x 12, 12;
+# L 1024 x 24, 16; XL 1152 x 28, 16); "dit-s" is DiT-S/2, "dit-s/4" DiT-S/4 and so on. "punet-*"
+# are the paper's UNet-S/M/L (src/unet_fm.py); "xs" sizes are for CPU-scale latents.
+_DIT = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16), "xl": (1152, 28, 16)}
+_PUNET = {"s": (160, (1, 2, 2, 3)), "m": (192, (1, 2, 3, 4)), "l": (256, (1, 2, 3, 4))}
 VELOCITY_SIZES: dict[str, VelocitySize] = {
     "unet-xs": VelocitySize("unet", base_width=16, depth=1),
     "unet-s": VelocitySize("unet", base_width=32, depth=1),
     "unet-m": VelocitySize("unet", base_width=64, depth=2),
     "unet-l": VelocitySize("unet", base_width=128, depth=2),
     "dit-xs": VelocitySize("dit", base_width=128, depth=4),
-    "dit-s": VelocitySize("dit", base_width=384, depth=12),
-    "dit-b": VelocitySize("dit", base_width=768, depth=12),
-    "dit-l": VelocitySize("dit", base_width=1024, depth=24),
-    "dit-xl": VelocitySize("dit", base_width=1152, depth=28),
+    **{
+        f"dit-{size}{'' if patch == 2 else f'/{patch}'}": VelocitySize(
+            "dit", base_width=width, depth=depth, patch=patch, heads=heads
+        )
+        for size, (width, depth, heads) in _DIT.items()
+        for patch in (2, 4, 8)
+    },
+    **{
+        f"punet-{size}": VelocitySize("punet", base_width=width, depth=0, channel_mult=mult)
+        for size, (width, mult) in _PUNET.items()
+    },
 }

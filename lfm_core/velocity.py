@@ -87,11 +87,18 @@ def _sincos_2d(dim: int, grid: int) -> Tensor:
     return torch.cat(parts, dim=1).float()
 
 
-def timestep_embedding(t: Tensor, dim: int) -> Tensor:
-    """Sinusoidal embedding of t * TIME_SCALE, shape (B, dim)."""
+# The DiT family embeds raw t in [0, 1] over 256 sinusoidal frequencies, then an MLP, as SiT and
+# the paper's code do (briqr/explo-r-it-ing_lfm_stability src/models.py, TimestepEmbedder).
+DIT_FREQUENCIES = 256
+# DiT's initialisation of the label table and the time MLP (src/models.py, initialize_weights).
+DIT_EMBED_INIT_STD = 0.02
+
+
+def timestep_embedding(t: Tensor, dim: int, scale: float = 1.0) -> Tensor:
+    """Sinusoidal embedding [cos(s t f_i), sin(s t f_i)], f_i = 10000^(-i / (dim / 2)), (B, dim)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
-    args = (t.float() * TIME_SCALE)[:, None] * freqs[None]
+    args = (t.float() * scale)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
@@ -138,24 +145,44 @@ class DiTBlock(nn.Module):
 
 
 class DiTVelocity(VelocityModel):
-    """A DiT (patch size 2) over the latent grid with adaLN-Zero time and class conditioning."""
+    """A DiT over the latent grid (patch 2, 4 or 8) with adaLN-Zero time and class conditioning.
 
-    patch = 2
+    As DiT / SiT and the paper's code: time is raw t embedded over DIT_FREQUENCIES sinusoids and
+    an MLP, the label table and the time MLP start at N(0, 0.02). `heads` is the size's head count
+    (DiT's table: S 6, B 12, L 16, XL 16); with another `width`, width // head_dim heads.
+    """
 
-    def __init__(self, config: VelocityConfig, base_width: int, depth: int, head_dim: int = 64):
+    def __init__(
+        self,
+        config: VelocityConfig,
+        base_width: int,
+        depth: int,
+        head_dim: int = 64,
+        patch: int = 2,
+        heads: int | None = None,
+    ):
         super().__init__(config)
+        self.patch = patch
         dim = config.width or base_width
         if config.sample_size % self.patch:
-            raise ConfigError(f"sample_size: {config.sample_size} must be divisible by 2 for DiT")
-        heads = max(1, dim // head_dim)
+            raise ConfigError(
+                f"sample_size: {config.sample_size} must be divisible by {patch} for DiT /{patch}"
+            )
+        if heads is None or dim != base_width:
+            heads = max(1, dim // head_dim)
         if dim % heads or dim % 4:
             raise ConfigError(f"width: {dim} must be a multiple of 4 and of {heads} heads")
         grid = config.sample_size // self.patch
         c = config.in_channels
         self.embed = nn.Conv2d(c, dim, self.patch, stride=self.patch)
         self.register_buffer("pos", _sincos_2d(dim, grid), persistent=False)
-        self.time_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_mlp = nn.Sequential(
+            nn.Linear(DIT_FREQUENCIES, dim), nn.SiLU(), nn.Linear(dim, dim)
+        )
         self.label_embed = nn.Embedding(config.num_classes + 1, dim) if config.num_classes else None
+        for table in (self.time_mlp[0], self.time_mlp[2], self.label_embed):
+            if table is not None:
+                nn.init.normal_(table.weight, std=DIT_EMBED_INIT_STD)
         self.blocks = nn.ModuleList(DiTBlock(dim, heads) for _ in range(depth))
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         ada_out_linear = nn.Linear(dim, 2 * dim)
@@ -167,7 +194,7 @@ class DiTVelocity(VelocityModel):
     def velocity(self, x: Tensor, t: Tensor, class_labels: Tensor | None) -> Tensor:
         b, c, h, w = x.shape
         tokens = self.embed(x).flatten(2).transpose(1, 2) + self.pos
-        cond = self.time_mlp(timestep_embedding(t, tokens.shape[-1]))
+        cond = self.time_mlp(timestep_embedding(t, DIT_FREQUENCIES))
         if self.label_embed is not None and class_labels is not None:
             cond = cond + self.label_embed(class_labels)
         for block in self.blocks:
