@@ -221,10 +221,7 @@ class Embedded:
         self.cfg: SweepConfig = dataclasses.replace(loaded, **sections)
         validate(self.cfg)
         self.cache = cache_for(self.cfg)
-        self.graph = StageGraph(self.cfg, self.cache, InProcessTrainer(progress), progress)
-        if device is not None:
-            execution = dataclasses.replace(self.graph.execution, device=torch.device(device))
-            self.graph.execution = execution
+        self.graph = StageGraph(self.cfg, self.cache, InProcessTrainer(progress), progress, device)
 
     # ---- refs ------------------------------------------------------------------------------
 

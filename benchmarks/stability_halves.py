@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from benchmarks.common import (
     RESULTS_DIR,
@@ -41,14 +40,12 @@ from lfm_core.train import TrainConfig
 from orchestrator import stage_keys
 from orchestrator.cache import StageRef
 from orchestrator.config import ModelSection, SamplingSection
-from orchestrator.stage_builders import INDICES_FILE, INFO_FILE, write_json
+from orchestrator.stage_keys import HALVES
 
 NAME = "stability_halves"
 GRID_COLUMNS = 16
 PAIRS = {"A_vs_B": ("A", "B"), "A_vs_B_other_seed": ("A", "B_other_seed")}
 # The half subsets: a stage of its own criterion, which orchestrator.stage_keys does not name.
-HALVES_CRITERION = "halves"
-HALVES_VERSION = "1"
 
 
 @dataclass(frozen=True)
@@ -90,29 +87,6 @@ TINY = HalvesConfig(
 )
 
 
-def split_halves(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two disjoint sorted index sets (n // 2 each) of a seeded permutation of range(n)."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    half = n // 2
-    return order[:half].sort().values, order[half : 2 * half].sort().values
-
-
-def half_ref(embedded: Embedded, which: str, split_seed: int) -> StageRef:
-    """The subset stage of half "A" or "B" of the training latents, built when missing."""
-    latents = stage_keys.latents(embedded.cfg)
-    inputs = {"fraction": 0.5, "criterion": HALVES_CRITERION, "half": which, "seed": split_seed}
-    ref = StageRef("subset", HALVES_VERSION, inputs, {"latents": latents})
-
-    def build(folder: Path) -> None:
-        halves = dict(zip("AB", split_halves(len(embedded.latents), split_seed), strict=True))
-        save_file({"indices": halves[which].contiguous()}, str(folder / INDICES_FILE))
-        write_json(folder / INFO_FILE, {"size": int(halves[which].numel()), "labels_used": 0})
-
-    embedded.graph.get(latents)
-    embedded.cache.get(ref, build)
-    return ref
-
-
 def _model(
     embedded: Embedded, subset: StageRef, seed: int, cfg: HalvesConfig
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], torch.Tensor]:
@@ -137,7 +111,7 @@ def run(cfg: HalvesConfig) -> dict[str, Any]:
     clock = Clock.start()
     sections = {"model": cfg.model, "train": cfg.train, "sampling": cfg.sampling}
     embedded = Embedded(cfg.stages, sections, progress=cfg.progress)
-    half = {which: half_ref(embedded, which, cfg.split_seed) for which in "AB"}
+    half = {which: stage_keys.half(embedded.cfg, which, cfg.split_seed) for which in HALVES}
     plan = {
         "A": (half["A"], cfg.train.seed),
         "B": (half["B"], cfg.train.seed),

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from benchmarks import (
     coarse_to_fine,
@@ -150,15 +149,6 @@ def test_analyse_counts_duplicates_and_times_each_stage_once():
     assert (out["builds"], out["unique_stages"], out["duplicate_stages"]) == (4, 3, 1)
     assert out["duplicated"] == ["fm_model/bbbbbbbbbbbb"]
     assert out["per_stage"]["fm_model"] == {"builds": 2, "seconds": 25.0}
-
-
-def test_split_halves_are_disjoint_equal_and_seeded():
-    a, b = stability_halves.split_halves(11, seed=3)
-    assert len(a) == len(b) == 5 and not set(a.tolist()) & set(b.tolist())
-    assert a.tolist() == sorted(a.tolist()) and set(a.tolist()) | set(b.tolist()) <= set(range(11))
-    again = stability_halves.split_halves(11, seed=3)
-    assert torch.equal(a, again[0]) and torch.equal(b, again[1])
-    assert not torch.equal(a, stability_halves.split_halves(11, seed=4)[0])
 
 
 def test_throughput_markdown_shows_an_unmeasured_rate_as_n_a():
@@ -401,7 +391,7 @@ def test_stability_halves_compares_disjoint_halves_on_the_same_seeds(tiny_run, t
     embedded = Embedded(stages, {"model": cfg.model, "train": cfg.train, "sampling": cfg.sampling})
     features = {}
     for name, which, seed in (("A", "A", 0), ("B", "B", 0), ("B_other_seed", "B", 1)):
-        half = stability_halves.half_ref(embedded, which, cfg.split_seed)
+        half = stage_keys.half(embedded.cfg, which, cfg.split_seed)
         ref = embedded.model_ref(half, cfg.model.name, cfg.model.width, seed=seed)
         samples = embedded.graph.load_samples(stage_keys.samples(embedded.cfg, ref))
         features[name] = samples["features_fid"]

@@ -148,3 +148,21 @@ def test_chosen_t_split_is_the_largest_within_budget(tmp_path: Path, tiny_dinov2
         other_budget = _graph(tmp_path, tiny_dinov2, f"sampling.t_split_budget={budget}")
         choice = other_budget.info(keys.t_split_choice(other_budget.cfg, other, fine))
         assert choice["t_split"] == expected
+
+
+@pytest.mark.timeout(240)
+def test_halves_are_disjoint_equal_and_seeded(tmp_path: Path, tiny_dinov2: Path) -> None:
+    graph = _graph(tmp_path, tiny_dinov2)
+    n = graph.info(keys.latents(graph.cfg))["shape"][0]
+
+    def indices(which: str, seed: int) -> list[int]:
+        return graph.tensors(keys.half(graph.cfg, which, seed), "indices.safetensors")[
+            "indices"
+        ].tolist()
+
+    a, b = indices("A", 3), indices("B", 3)
+    assert len(a) == len(b) == n // 2 and not set(a) & set(b)
+    assert a == sorted(a) and b == sorted(b) and set(a) | set(b) <= set(range(n))
+    assert a != indices("A", 4)
+    with pytest.raises(ValueError, match="half: 'C' is not one of A, B"):
+        keys.half(graph.cfg, "C", 3)
