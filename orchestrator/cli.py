@@ -47,6 +47,9 @@ NOISE = re.compile(
     r"|Requesting resources: |Attempting to start training worker group|Started training worker"
     r"| world_rank=\d+, local_rank=|Setting up process group for"
 )
+# Warnings Ray itself calls safe to ignore, each followed by a traceback from the same process.
+NOISE_WITH_TRACEBACK = re.compile(r"Failed to send resource request .*safe to ignore")
+TRACEBACK_LINE = re.compile(r"Traceback \(most recent call last\)|\s|[\w.]+(Error|Exception)\b")
 # The "(worker pid=N)" prefix Ray puts before each relayed piece of a line, colour codes and all.
 RAY_PREFIX = re.compile(r"(\x1b\[[\d;]*m)*\([\w:.-]+ pid=\d+(, ip=[\d.]+)?\)(\x1b\[[\d;]*m)* ?")
 
@@ -62,20 +65,34 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 class QuietStream:
-    """A text stream that drops whole lines matching NOISE (Ray's relayed worker noise)."""
+    """A text stream that drops whole lines matching NOISE (Ray's relayed worker noise) and
+    the traceback after a NOISE_WITH_TRACEBACK line."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self.pending = ""
+        self.traceback_of: str | None = None  # the Ray prefix whose traceback is being dropped
 
     def write(self, text: str) -> int:
         self.pending += text
         *lines, self.pending = re.split(r"(?<=[\n\r])", self.pending)
         for line in lines:
-            # A piece that is only Ray's prefix was a progress bar before Ray relayed it.
-            if not NOISE.search(line) and RAY_PREFIX.sub("", line).strip():
+            if not self._noise(line):
                 self.stream.write(line)
         return len(text)
+
+    def _noise(self, line: str) -> bool:
+        prefix = RAY_PREFIX.match(line)
+        source = prefix.group(0) if prefix else ""
+        body = line[len(source) :]
+        if NOISE_WITH_TRACEBACK.search(body):
+            self.traceback_of = source
+            return True
+        if self.traceback_of == source and TRACEBACK_LINE.match(body):
+            return True
+        self.traceback_of = None
+        # A piece that is only Ray's prefix was a progress bar before Ray relayed it.
+        return bool(NOISE.search(body)) or bool(source and not body.strip())
 
     def flush(self) -> None:
         self.stream.flush()

@@ -186,10 +186,15 @@ _TRIAL_ERROR = re.compile(r"TrialError: (.*)")
 
 def progress_reporter() -> Any:
     """Tune's table: a trial per row (short name, status, the headline metrics), printed every
-    TABLE_EVERY_S seconds and at the end."""
+    TABLE_EVERY_S seconds and at the end, under the elapsed time only (no scheduler, resource
+    or log-folder lines)."""
     from ray.tune import CLIReporter
 
-    return CLIReporter(
+    class TrialTable(CLIReporter):
+        def report(self, trials: list[Any], done: bool, *sys_info: str) -> None:
+            self._print(self._progress_str(trials, done))
+
+    return TrialTable(
         metric_columns=TABLE_METRICS,
         parameter_columns={"trial/seed": "seed"},  # an empty list would show the config
         max_report_frequency=TABLE_EVERY_S,

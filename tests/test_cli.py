@@ -81,9 +81,14 @@ def test_quiet_stream_drops_ray_noise_lines_only() -> None:
     )
     stream.write(f"{prefix}\r{prefix}\r{prefix}built stage fm_model 4567 in 2.0s\n")
     stream.write("(TrainController pid=7) Requesting resources: {'CPU': 1.0} * 1\n")
+    controller = "(TrainController pid=7) "
+    stream.write(f"{controller}Failed to send resource request for train-1. If this only ")
+    stream.write("happens transiently during network partition, it's safe to ignore this error.\n")
+    stream.write(f"{controller}Traceback (most recent call last):\n{controller}  File 'x.py'\n")
+    stream.write(f"{controller}ray.exceptions.GetTimeoutError: Get timed out\n\n")
     assert sink.getvalue() == (
         "kept line\norchestrator.cache: built stage latents 0123 in 1.0s\n"
-        f"{prefix}built stage fm_model 4567 in 2.0s\n"
+        f"{prefix}built stage fm_model 4567 in 2.0s\n\n"
     )
 
 
