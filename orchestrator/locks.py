@@ -73,6 +73,11 @@ def holder_id() -> str:
     return f"{process_id()}:{uuid.uuid4().hex[:6]}"
 
 
+def _forget(holder: str) -> None:
+    with _LIVE_GUARD:
+        _LIVE.discard(holder)
+
+
 def lock_actor() -> None:
     """No-op: leases live in the storage now, no cluster actor is needed (kept for callers)."""
 
@@ -126,6 +131,12 @@ class Lease(ABC):
         self.holder = holder_id()
         self.acquired = 0.0
         self.lost = False  # set when a renewal found the lease taken over
+
+    def _granted(self) -> None:
+        """Mark this holder live in this process (an orphan check must never take it over)."""
+        self.lost = False
+        with _LIVE_GUARD:
+            _LIVE.add(self.holder)
 
     @abstractmethod
     def try_acquire(self, stale_tag: str | None = None) -> bool:
@@ -181,8 +192,6 @@ class Lease(ABC):
                 except OSError as err:  # an outage: keep trying, the lease may still be ours
                     log.warning("renewing build lease %s failed: %s", self.name, err)
 
-        with _LIVE_GUARD:
-            _LIVE.add(self.holder)
         beater = threading.Thread(target=beat, name=f"lease-{self.name}", daemon=True)
         beater.start()
         try:
@@ -194,8 +203,6 @@ class Lease(ABC):
                 self.release()
             except OSError as err:
                 log.warning("releasing build lease %s failed (it expires): %s", self.name, err)
-            with _LIVE_GUARD:
-                _LIVE.discard(self.holder)
 
 
 class ObjectLease(Lease):
@@ -216,7 +223,8 @@ class ObjectLease(Lease):
             if tag is None:
                 return False
             log.warning("took over the stale build lease %s", self.where())
-        self._tag, self.lost = tag, False
+        self._tag = tag
+        self._granted()
         return True
 
     def _orphan_of_this_process(self) -> str | None:
@@ -236,9 +244,12 @@ class ObjectLease(Lease):
         return True
 
     def release(self) -> None:
-        if self._tag and not self.lost:
-            self.storage.delete_if_match(self.rel, self._tag)
-        self._tag = ""
+        try:
+            if self._tag and not self.lost:
+                self.storage.delete_if_match(self.rel, self._tag)
+        finally:
+            self._tag = ""
+            _forget(self.holder)
 
 
 class FileLease(Lease):
@@ -263,7 +274,8 @@ class FileLease(Lease):
         except BlockingIOError:
             handle.close()
             return False
-        self._handle, self.acquired, self.lost = handle, time.time(), False
+        self._handle, self.acquired = handle, time.time()
+        self._granted()
         self.storage.write_bytes(self.rel, self.record().encode())
         return True
 
@@ -280,6 +292,7 @@ class FileLease(Lease):
             fcntl.flock(self._handle, fcntl.LOCK_UN)
             self._handle.close()
             self._handle = None
+            _forget(self.holder)
 
 
 def storage_lease(storage: Storage, name: str, ttl_s: float = LEASE_TTL_S) -> Lease:
@@ -320,15 +333,17 @@ def acquire_or_wait(
             return True
         tag, info = lease.peek()
         now = time.monotonic()
+        # The holder's own TTL counts when it is longer than ours.
+        ttl = max(lease.ttl_s, info.expires - info.renewed) if info is not None else lease.ttl_s
         if tag != seen[0] or tag is None:
             seen, stale_tag = (tag, now), None
-        elif now - seen[1] > lease.ttl_s:
+        elif now - seen[1] > ttl:
             if not lease.can_take_over or stale_tag == tag:
-                raise LeaseStaleError(_stale_message(lease, what, info, now - seen[1]))
+                raise LeaseStaleError(_stale_message(lease, what, info, now - seen[1], ttl))
             stale_tag = tag  # the next try takes it over unless its holder renews first
             continue
         holder = info.describe() if info is not None else "another process"
-        if now - logged >= LOG_EVERY_TTLS * lease.ttl_s:
+        if now - logged >= LOG_EVERY_TTLS * ttl:
             log.info("stage %s: waiting for the build by %s", what, holder)
             logged = now
         if wait_timeout_s is not None and now - start > wait_timeout_s:
@@ -340,10 +355,10 @@ def acquire_or_wait(
     return False
 
 
-def _stale_message(lease: Lease, what: str, info: LeaseInfo | None, age: float) -> str:
+def _stale_message(lease: Lease, what: str, info: LeaseInfo | None, age: float, ttl: float) -> str:
     holder = info.describe() if info is not None else "an unknown holder"
     return (
         f"stage {what}: the build lease {lease.where()} of {holder} has not been renewed for "
-        f"{age:.0f}s (ttl {lease.ttl_s:g}s) and cannot be taken over while that process lives; "
+        f"{age:.0f}s (ttl {ttl:g}s) and cannot be taken over while that process lives; "
         "resume or stop it"
     )

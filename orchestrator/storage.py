@@ -242,15 +242,18 @@ class Storage:
     def _s3(self) -> Any:
         with _CLIENT_GUARD:
             if self._client is None:
-                import boto3
-                from botocore.config import Config
-
-                self._client = boto3.client(
-                    "s3",
-                    config=Config(
-                        retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"},
-                        connect_timeout=S3_CONNECT_TIMEOUT_S,
-                        read_timeout=S3_READ_TIMEOUT_S,
-                    ),
-                )
+                self._client = _s3_client()
             return self._client
+
+
+def _s3_client() -> Any:
+    """A boto3 S3 client with bounded retries and timeouts."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"},
+        connect_timeout=S3_CONNECT_TIMEOUT_S,
+        read_timeout=S3_READ_TIMEOUT_S,
+    )
+    return boto3.client("s3", config=config)
