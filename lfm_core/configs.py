@@ -53,7 +53,8 @@ CRITERIA = (
     "class_skew",
 )
 SCORE_CRITERIA = ("loss", "grad", "loss_lowest", "grad_lowest")
-FEATURE_EXTRACTORS = ("mnist_classifier", "dinov2", "clip", "inception")  # lfm_core.features
+# lfm_core.features
+FEATURE_EXTRACTORS = ("mnist_classifier", "dinov2", "dinov2-base", "clip", "inception", "arcface")
 T_SPLIT_CANDIDATES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # lfm_core.coarse_to_fine
 
 

@@ -4,7 +4,11 @@
 - "mnist_classifier" (default, offline): the 128-d penultimate (post-ReLU) layer of the small
   CNN of `lfm_core.classifier`, trained there on the mnist5k train split and cached as a
   checkpoint folder with the held-out accuracy in its config.
-- "dinov2": DINOv2 CLS token (the paper's stability features on ImageNet).
+- "dinov2": DINOv2 CLS token, ViT-S/14 (facebook/dinov2-small; the embedded default).
+- "dinov2-base": DINOv2 ViT-B/14 CLS token (facebook/dinov2-base), the paper's stability
+  features on ImageNet (src/evaluate/evaluate_dino_similarity.py: dinov2_vitb14, 224 px).
+- "arcface": insightface IResNet embeddings from a local state dict (`lfm_core.arcface`), the
+  paper's stability features on faces.
 - "clip": CLIP ViT-B/32 image embeddings (the paper's clustering features).
 - "inception": the FID Inception-v3 pool features via torchmetrics / torch-fidelity.
 Hub models need transformers (the `hub` extra) and downloaded weights; when either is missing
@@ -28,6 +32,7 @@ from lfm_core.errors import ConfigError, check_choice
 FEATURE_BATCH_SIZE = 256
 DEFAULT_CACHE_DIR = Path("~/.cache/lfm/features")
 DINOV2_ID = "facebook/dinov2-small"
+DINOV2_BASE_ID = "facebook/dinov2-base"  # ViT-B/14, the paper's
 DINOV2_RESOLUTION = 224  # the paper resizes to 224 for DINOv2 (evaluate_dino_similarity.py)
 CLIP_ID = "openai/clip-vit-base-patch32"
 INCEPTION_DIM = 2048  # pool3 features, the standard FID layer
@@ -120,13 +125,18 @@ class _NormalisedHubFeatures(FeatureExtractor):
 class DinoV2Features(_NormalisedHubFeatures):
     """DINOv2 CLS token after the final layer norm (`pooler_output`), D = hidden_size."""
 
-    def __init__(self, model_id: str = DINOV2_ID, cache_dir: str | Path | None = None):
+    def __init__(
+        self,
+        model_id: str = DINOV2_ID,
+        cache_dir: str | Path | None = None,
+        name: str = "dinov2",
+    ):
         from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-        model = _from_pretrained("dinov2", "AutoModel", model_id, cache_dir)
+        model = _from_pretrained(name, "AutoModel", model_id, cache_dir)
         dim = model.config.hidden_size
         super().__init__(
-            "dinov2", dim, model, DINOV2_RESOLUTION, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+            name, dim, model, DINOV2_RESOLUTION, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
         )
 
     def embed(self, images: Tensor) -> Tensor:
@@ -198,11 +208,22 @@ def _mnist_classifier(cache_dir: str | Path | None, path: str | Path | None) -> 
     return load_or_train_mnist_classifier(DEFAULT_CACHE_DIR if cache_dir is None else cache_dir)
 
 
+def _arcface(cache_dir: str | Path | None, path: str | Path | None) -> FeatureExtractor:
+    # Imported here: lfm_core.arcface builds on FeatureExtractor, so it imports this module.
+    from lfm_core.arcface import ArcFaceFeatures
+
+    return ArcFaceFeatures(path)
+
+
 FEATURE_EXTRACTORS: dict[str, Builder] = {
     "mnist_classifier": _mnist_classifier,
     "dinov2": lambda cache_dir, path: DinoV2Features(str(path or DINOV2_ID), cache_dir),
+    "dinov2-base": lambda cache_dir, path: DinoV2Features(
+        str(path or DINOV2_BASE_ID), cache_dir, name="dinov2-base"
+    ),
     "clip": lambda cache_dir, path: ClipFeatures(str(path or CLIP_ID), cache_dir),
     "inception": lambda cache_dir, path: InceptionFeatures(path),
+    "arcface": _arcface,
 }
 
 

@@ -250,3 +250,27 @@ def stability(f_ref: Tensor, f_other: Tensor, seed: int = 0) -> StabilityResult:
     return StabilityResult(
         similarity, similarity_std, unrelated, unrelated_std, centred, centred_unrelated
     )
+
+
+def inception_score(logits: Tensor, splits: int = 1) -> tuple[float, float]:
+    """Inception Score of class logits (N, K) of a classifier (Inception-v3 in the IS paper).
+
+    IS = exp(E_x KL(p(y | x) || p(y))), p(y | x) = softmax(logits), p(y) the mean of p(y | x)
+    over the split; computed in float64 on each of `splits` equal consecutive parts (the usual
+    protocol uses 10) and returned as (mean, std) over the parts (std 0 for one split).
+    Uniform predictions give 1; confident, evenly spread predictions over K classes give K.
+    """
+    if logits.ndim != 2 or logits.shape[0] < splits or splits < 1:
+        raise ConfigError(
+            f"logits: shape {tuple(logits.shape)} must be (N >= splits={splits}, K), splits >= 1"
+        )
+    scores = []
+    for part in logits.double().chunk(splits):
+        log_p = torch.log_softmax(part, dim=1)
+        p = log_p.exp()
+        log_marginal = torch.log(p.mean(0, keepdim=True))
+        # 0 log 0 = 0: classes a row gives no mass add nothing (exact one-hot rows stay finite).
+        kl = torch.where(p > 0, p * (log_p - log_marginal), torch.zeros_like(p)).sum(1)
+        scores.append(kl.mean().exp().item())
+    values = torch.tensor(scores, dtype=torch.float64)
+    return values.mean().item(), values.std(correction=0).item()

@@ -14,7 +14,8 @@ from lfm_core.classifier import (
 )
 from lfm_core.data import load_dataset
 from lfm_core.errors import ConfigError
-from lfm_core.features import DINOV2_ID, build_feature_extractor
+from lfm_core.arcface import IResNet
+from lfm_core.features import DINOV2_BASE_ID, DINOV2_ID, build_feature_extractor
 from lfm_core.metrics import fid
 
 transformers = pytest.importorskip("transformers")
@@ -95,7 +96,7 @@ def test_torchmetrics_fid_takes_an_extractor_as_its_feature_module(tiny_models):
     assert fid(extractor(fake), extractor(real)) == pytest.approx(metric.compute().item(), rel=1e-4)
 
 
-@pytest.mark.parametrize("name", ["dinov2", "clip"])
+@pytest.mark.parametrize("name", ["dinov2", "dinov2-base", "clip"])
 def test_missing_hub_model_offline_is_a_one_line_config_error(monkeypatch, name):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
@@ -103,7 +104,8 @@ def test_missing_hub_model_offline_is_a_one_line_config_error(monkeypatch, name)
         build_feature_extractor(name, cache_dir="/nonexistent/hub-cache")
     message = str(info.value)
     assert "\n" not in message and message.startswith(f"{name}: cannot load")
-    assert DINOV2_ID in message if name == "dinov2" else "clip-vit-base-patch32" in message
+    ids = {"dinov2": DINOV2_ID, "dinov2-base": DINOV2_BASE_ID, "clip": "clip-vit-base-patch32"}
+    assert ids[name] in message
 
 
 def test_inception_without_torch_fidelity_is_a_one_line_config_error():
@@ -119,9 +121,9 @@ def test_inception_without_torch_fidelity_is_a_one_line_config_error():
     ("call", "message"),
     [
         (
-            lambda: build_feature_extractor("arcface"),
-            "feature_extractor: unknown value 'arcface'; allowed: mnist_classifier, dinov2, "
-            "clip, inception",
+            lambda: build_feature_extractor("facenet"),
+            "feature_extractor: unknown value 'facenet'; allowed: mnist_classifier, dinov2, "
+            "dinov2-base, clip, inception, arcface",
         ),
         (
             lambda: build_feature_extractor("mnist_classifier", path="/nonexistent/classifier"),
@@ -139,3 +141,50 @@ def test_wrong_image_shape_is_a_config_error(mnist_cache):
     extractor = build_feature_extractor("mnist_classifier", cache_dir=mnist_cache)
     with pytest.raises(ConfigError, match="expected images"):
         extractor(torch.zeros(2, 32, 32))
+
+
+def test_dinov2_base_is_the_papers_vit_b14_and_loads_a_local_copy(tiny_models):
+    assert DINOV2_BASE_ID == "facebook/dinov2-base"
+    extractor = build_feature_extractor("dinov2-base", path=tiny_models / "dinov2")
+    assert extractor.name == "dinov2-base" and extractor.dim == 32
+    assert extractor(torch.rand(2, 3, 32, 32) * 2 - 1).shape == (2, 32)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_arcface_loads_a_local_iresnet_state_dict(tmp_path, suffix):
+    """A tiny randomly initialised IResNet (blocks 1, 2, 1, 1; base 8; 16-d), saved as insightface
+    saves its backbones; the loader reads the architecture off the keys."""
+    torch.manual_seed(0)
+    net = IResNet((1, 2, 1, 1), base_width=8, num_features=16).eval()
+    for module in net.modules():  # non-trivial running statistics, so BN must load too
+        if isinstance(module, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / f"backbone{suffix}"
+    if suffix == ".pth":
+        torch.save(net.state_dict(), path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(net.state_dict(), str(path))
+    extractor = build_feature_extractor("arcface", path=path)
+    images = torch.rand(3, 3, 64, 64) * 2 - 1
+    features = extractor(images)
+    assert extractor.dim == 16 and features.shape == (3, 16)
+    torch.testing.assert_close(features.norm(dim=1), torch.ones(3))
+    resized = torch.nn.functional.interpolate(
+        (images + 1) / 2, size=(112, 112), mode="bicubic", antialias=True
+    ).clamp(0, 1)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(net(resized * 2 - 1), dim=1)
+    torch.testing.assert_close(features, expected)
+
+
+def test_arcface_without_or_with_a_bad_file_is_a_one_line_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="arcface: needs path="):
+        build_feature_extractor("arcface")
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_feature_extractor("arcface", path=tmp_path / "missing.pth")
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pth")
+    with pytest.raises(ConfigError, match="is not an IResNet state dict"):
+        build_feature_extractor("arcface", path=tmp_path / "other.pth")

@@ -1,5 +1,7 @@
 """Metrics: exact answers where the maths gives one."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -136,3 +138,17 @@ def test_bad_inputs_give_one_line_config_errors(call, message):
     with pytest.raises(ConfigError) as info:
         call()
     assert str(info.value) == message
+
+
+def test_inception_score_exact_cases():
+    from lfm_core.metrics import inception_score
+
+    assert inception_score(torch.zeros(6, 5)) == (pytest.approx(1.0, abs=1e-12), 0.0)
+    assert inception_score(torch.randn(1, 7).expand(8, 7))[0] == pytest.approx(1.0, abs=1e-12)
+    one_hot = torch.full((4, 4), -math.inf).fill_diagonal_(0.0)
+    assert inception_score(one_hot)[0] == pytest.approx(4.0, abs=1e-12)
+    # Two splits, each holding two distinct classes out of 4: IS 2 per split.
+    mean, std = inception_score(one_hot, splits=2)
+    assert (mean, std) == (pytest.approx(2.0, abs=1e-12), pytest.approx(0.0, abs=1e-12))
+    with pytest.raises(ConfigError, match="logits: shape"):
+        inception_score(torch.zeros(3))
