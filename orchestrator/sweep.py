@@ -185,14 +185,22 @@ _TRIAL_ERROR = re.compile(r"TrialError: (.*)")
 
 
 def progress_reporter() -> Any:
-    """Tune's table: a trial per row (short name, status, the headline metrics), printed every
-    TABLE_EVERY_S seconds and at the end, under the elapsed time only (no scheduler, resource
-    or log-folder lines)."""
+    """Tune's progress: every TABLE_EVERY_S seconds one line counting the trials by status; at
+    the end the table, a trial per row (short name, status, the headline metrics), under the
+    elapsed time only (no scheduler, resource or log-folder lines)."""
+    from collections import Counter
+
     from ray.tune import CLIReporter
 
     class TrialTable(CLIReporter):
         def report(self, trials: list[Any], done: bool, *sys_info: str) -> None:
-            self._print(self._progress_str(trials, done))
+            if done:
+                self._print(self._progress_str(trials, done))
+                return
+            states = Counter(str(trial.status).lower() for trial in trials)
+            counts = ", ".join(f"{number} {state}" for state, number in sorted(states.items()))
+            seconds = time.time() - self._start_time
+            self._print(f"tune: {len(trials)} trials: {counts} ({seconds:.0f} s)")
 
     return TrialTable(
         metric_columns=TABLE_METRICS,
