@@ -74,7 +74,9 @@ class PaperUNetVelocity(VelocityModel):
         self.label_embed = nn.Embedding(config.num_classes + 1, emb) if config.num_classes else None
         self.in_conv = nn.Conv2d(config.in_channels, base, 3, padding=1)
         previous = [base, *chs[:-1]]
-        self.down_proj = nn.ModuleList(_conv1x1_or_identity(p, c) for p, c in zip(previous, chs))
+        self.down_proj = nn.ModuleList(
+            _conv1x1_or_identity(p, c) for p, c in zip(previous, chs, strict=True)
+        )
         self.down_res = nn.ModuleList(self._blocks(c, emb) for c in chs)
         self.downs = nn.ModuleList(nn.Conv2d(c, c, 3, stride=2, padding=1) for c in chs[:-1])
         self.mid = self._blocks(chs[-1], emb)
@@ -97,21 +99,23 @@ class PaperUNetVelocity(VelocityModel):
         if self.label_embed is not None and class_labels is not None:
             emb = emb + self.label_embed(class_labels)
         h, skips = self.in_conv(x), []
-        for i, (proj, blocks) in enumerate(zip(self.down_proj, self.down_res)):
+        for i, (proj, blocks) in enumerate(zip(self.down_proj, self.down_res, strict=True)):
             h = proj(h)
-            for block in blocks:
+            for block in blocks.children():
                 h = block(h, emb)
             skips.append(h)
             if i < len(self.downs):
                 h = self.downs[i](h)
         for block in self.mid:
             h = block(h, emb)
-        for i, (match, proj, blocks) in enumerate(zip(self.up_match, self.up_proj, self.up_res)):
+        for i, (match, proj, blocks) in enumerate(
+            zip(self.up_match, self.up_proj, self.up_res, strict=True)
+        ):
             skip = skips[len(skips) - 1 - i]
             if h.shape[2:] != skip.shape[2:]:
                 h = F.interpolate(h, size=skip.shape[2:], mode="nearest")
             h = proj(torch.cat([match(h), skip], dim=1))
-            for block in blocks:
+            for block in blocks.children():
                 h = block(h, emb)
             if i < len(self.ups):
                 h = self.ups[i](F.interpolate(h, scale_factor=2, mode="nearest"))

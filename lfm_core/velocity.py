@@ -176,11 +176,10 @@ class DiTVelocity(VelocityModel):
         c = config.in_channels
         self.embed = nn.Conv2d(c, dim, self.patch, stride=self.patch)
         self.register_buffer("pos", _sincos_2d(dim, grid), persistent=False)
-        self.time_mlp = nn.Sequential(
-            nn.Linear(DIT_FREQUENCIES, dim), nn.SiLU(), nn.Linear(dim, dim)
-        )
+        time_in, time_out = nn.Linear(DIT_FREQUENCIES, dim), nn.Linear(dim, dim)
+        self.time_mlp = nn.Sequential(time_in, nn.SiLU(), time_out)
         self.label_embed = nn.Embedding(config.num_classes + 1, dim) if config.num_classes else None
-        for table in (self.time_mlp[0], self.time_mlp[2], self.label_embed):
+        for table in (time_in, time_out, self.label_embed):
             if table is not None:
                 nn.init.normal_(table.weight, std=DIT_EMBED_INIT_STD)
         self.blocks = nn.ModuleList(DiTBlock(dim, heads) for _ in range(depth))

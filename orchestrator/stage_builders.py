@@ -40,6 +40,7 @@ from lfm_core.sampling import guided, seed_labels, time_against_reference
 from lfm_core.solvers import seeded_noise
 from lfm_core.train import LatentSource, TensorLatents, TrainConfig
 from lfm_core.velocity import VelocityConfig
+from lfm_core.vq_autoencoder import as_autoencoder, load_vq_autoencoder, train_vq_autoencoder
 from orchestrator.cache import StageCache, StageRef
 from orchestrator.datasets import (
     Encoding,
@@ -107,15 +108,20 @@ def load_training_data(
 
 def build_autoencoder(graph: StageGraph, ref: StageRef, folder: Path) -> None:
     inputs, data, execution = ref.inputs, ref.upstream["dataset"], graph.execution
-    if "pretrained" in inputs:
+    vq = inputs.get("kind", "kl") == "vq"  # lfm_core.vq_autoencoder (diffusers' VQModel)
+    if "pretrained" in inputs and vq:
+        vae = as_autoencoder(load_vq_autoencoder(inputs["pretrained"], inputs["subfolder"]))
+    elif "pretrained" in inputs:
         vae = load_autoencoder(inputs["pretrained"], inputs["subfolder"])
     else:
-        vae = train_autoencoder(
-            graph.split(data, "train").images,
-            AutoencoderConfig(**inputs["config"]),
-            progress=graph.execution.progress,
-            device=graph.execution.device,
-        )
+        images, config = graph.split(data, "train").images, AutoencoderConfig(**inputs["config"])
+        if vq:
+            trained = train_vq_autoencoder(images, config, execution.progress, execution.device)
+            vae = as_autoencoder(trained)
+        else:
+            vae = train_autoencoder(
+                images, config, progress=execution.progress, device=execution.device
+            )
     vae.save_pretrained(folder / "vae")
     nn.Module.to(vae, execution.device)
     heldout = graph.split(data, "heldout", inputs.get("psnr_images")).images

@@ -28,6 +28,7 @@ from lfm_core.features import FeatureExtractor, build_feature_extractor
 from lfm_core.metrics import ReferenceStats
 from lfm_core.sampling import SamplerSettings
 from lfm_core.velocity import VelocityModel
+from lfm_core.vq_autoencoder import as_autoencoder, is_vq_folder, load_vq_autoencoder
 from orchestrator import stage_keys
 from orchestrator.cache import StageCache, StageRef
 from orchestrator.config import SweepConfig
@@ -220,8 +221,13 @@ class StageGraph:
         )
 
     def load_autoencoder(self, ref: StageRef) -> AutoencoderKL:
-        """The AutoencoderKL (diffusers) of an autoencoder stage, on the stage device."""
-        vae = load_autoencoder(self.get(ref) / "vae")
+        """The autoencoder of a stage, on the stage device: an AutoencoderKL, or a VQ one
+        (lfm_core.vq_autoencoder, which speaks AutoencoderKL's encode / decode interface)."""
+        folder = self.get(ref) / "vae"
+        if is_vq_folder(folder):
+            vae = as_autoencoder(load_vq_autoencoder(folder))
+        else:
+            vae = load_autoencoder(folder)
         # nn.Module.to moves in place (diffusers' own `to` wrapper confuses type checkers).
         nn.Module.to(vae, self.execution.device)
         return vae

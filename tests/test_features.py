@@ -7,6 +7,7 @@ import pytest
 import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from lfm_core.arcface import IResNet
 from lfm_core.classifier import (
     MNIST_CLASSIFIER_DIR,
     classifier_accuracy,
@@ -14,7 +15,6 @@ from lfm_core.classifier import (
 )
 from lfm_core.data import load_dataset
 from lfm_core.errors import ConfigError
-from lfm_core.arcface import IResNet
 from lfm_core.features import DINOV2_BASE_ID, DINOV2_ID, build_feature_extractor
 from lfm_core.metrics import fid
 
