@@ -151,6 +151,16 @@ def test_samples_are_guided_euler_latents_decoded_through_the_scaling_factor(vae
     assert torch.equal(as_bytes, (out.images[1] * 255).round().to(torch.uint8))
 
 
+def test_guidance_on_a_channel_subset_as_the_papers_imagenet_cfg(vae, conditional):
+    pipe = _in_memory(vae, conditional)
+    out = pipe(SEEDS, num_steps=STEPS, class_labels=LABELS, guidance_scale=4.0, cfg_channels=3)
+    guided = CFG(conditional, torch.tensor(LABELS), 4.0, null_label=3, channels=3)
+    expected = sample(guided, seeded_noise(SEEDS, LATENT), uniform_grid(STEPS), "euler")
+    assert torch.equal(out.latents, expected)
+    full = pipe(SEEDS, num_steps=STEPS, class_labels=LABELS, guidance_scale=4.0)
+    assert not torch.equal(full.latents, out.latents)
+
+
 def test_image_of_a_seed_does_not_depend_on_its_batch(vae, conditional):
     pipe = _in_memory(vae, conditional)
     kwargs = {"num_steps": STEPS, "guidance_scale": 2.0}
