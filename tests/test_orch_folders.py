@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import LOCAL_RAY_CPUS, tiny_overrides
 from PIL import Image
 from ray import cloudpickle
 
@@ -150,15 +151,28 @@ def test_tiny_sweep_over_a_flat_local_folder(
     assert info["num_classes"] == 1 and info["shape"][0] == 180
 
 
+@pytest.fixture
+def ray_seeing_s3(s3_server: str) -> Iterator[str]:
+    """A local Ray started after the moto server, so its workers (trial drivers, Ray Data
+    tasks) inherit AWS_ENDPOINT_URL; yields the bucket URI."""
+    import ray
+
+    ray.shutdown()
+    ray.init(num_cpus=LOCAL_RAY_CPUS, include_dashboard=False)
+    try:
+        yield s3_server
+    finally:
+        ray.shutdown()
+
+
 def test_tiny_sweep_over_class_folders_on_s3(
-    ray_local: None,
-    s3_server: str,
+    ray_seeing_s3: str,
     mlflow_server: str,
     folders: dict[str, Path],
     tiny_dinov2: Path,
     tmp_path: Path,
 ) -> None:
-    root = _upload(folders["classes"], s3_server.removeprefix("s3://"), "digits")
+    root = _upload(folders["classes"], ray_seeing_s3.removeprefix("s3://"), "digits")
     cfg = load_sweep(TINY, _overrides(tmp_path, tiny_dinov2, mlflow_server, root))
     outcome = run_sweep(cfg)
     assert outcome.errors == [] and len(outcome.metrics) == 1
