@@ -45,7 +45,7 @@ NOISE = re.compile(
     r"|To visualize your results with TensorBoard|\d+%\|[^|]*\| *\d+/\d+ \[|building stage "
     # Ray Train's start-up of each model's worker group (the stage's "built" line follows).
     r"|Requesting resources: |Attempting to start training worker group|Started training worker"
-    r"| world_rank=\d+, local_rank=|Setting up process group for"
+    r"| world_rank=\d+, local_rank=|Setting up process group for|Checkpoint successfully created"
 )
 # Warnings Ray itself calls safe to ignore, each followed by a traceback from the same process.
 NOISE_WITH_TRACEBACK = re.compile(r"Failed to send resource request .*safe to ignore")
@@ -92,7 +92,7 @@ class QuietStream:
             return True
         self.traceback_of = None
         # A piece that is only Ray's prefix was a progress bar before Ray relayed it.
-        return bool(NOISE.search(body)) or bool(source and not body.strip())
+        return bool(NOISE.search(line)) or bool(source and not body.strip())
 
     def flush(self) -> None:
         self.stream.flush()

@@ -81,6 +81,8 @@ def test_quiet_stream_drops_ray_noise_lines_only() -> None:
     )
     stream.write(f"{prefix}\r{prefix}\r{prefix}built stage fm_model 4567 in 2.0s\n")
     stream.write("(TrainController pid=7) Requesting resources: {'CPU': 1.0} * 1\n")
+    cleaner = "\x1b[36m(PlacementGroupCleaner pid=3)\x1b[0m "
+    stream.write(f"{cleaner}Traceback (most recent call last):\n{cleaner}ConnectionError: x\n")
     controller = "(TrainController pid=7) "
     stream.write(f"{controller}Failed to send resource request for train-1. If this only ")
     stream.write("happens transiently during network partition, it's safe to ignore this error.\n")
