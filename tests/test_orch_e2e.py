@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -22,10 +24,11 @@ from ray import cloudpickle
 
 from lfm_core.train import TrainConfig
 from lfm_core.velocity import VelocityConfig
-from orchestrator import cli, tracking
+from orchestrator import cli, schema, tracking
 from orchestrator.cache import StageCache, StageRef
 from orchestrator.config import SweepConfig, load_sweep
 from orchestrator.locks import LOCKS_ACTOR, LOCKS_NAMESPACE
+from orchestrator.sample_workers import GRID_IMAGES
 from orchestrator.schema import SINGLE_MODEL_METRICS, TRAIN_LOSS
 from orchestrator.stage_builders import load_training_data
 from orchestrator.stages import StageGraph
@@ -205,3 +208,104 @@ def test_concurrent_drivers_build_a_stage_once_through_the_lock_actor(
     # The leases came from the cluster's lock actor, not from file locks.
     assert ray.get_actor(LOCKS_ACTOR, namespace=LOCKS_NAMESPACE) is not None
     assert not (tmp_path / "cache" / "_locks").exists()
+
+
+def test_a_trial_that_raises_leaves_a_failed_child_run_with_its_error(
+    swept: tuple[SweepConfig, SweepOutcome],
+    mlflow_server: str,
+    tiny_dinov2: Path,
+    tiny_storage: Path,
+    tmp_path: Path,
+) -> None:
+    """An image folder without images passes validation (the folder exists; `lfm sweep`'s
+    preflight would list it, run_sweep does not) and fails inside the trial's first stage."""
+    empty = tmp_path / "no-images"
+    empty.mkdir()
+    overrides = tiny_overrides(tiny_storage, tiny_dinov2, mlflow_server)
+    overrides += ["name=tiny-broken", "data.name=folder", f"data.root={empty}"]
+    overrides += ["search.data_reduction.data_fraction=[1.0]"]
+    overrides += ["search.data_reduction.criterion=[random]"]
+    cfg = load_sweep(TINY, overrides)
+
+    outcome = run_sweep(cfg)
+    assert outcome.metrics == {}
+    [name] = outcome.errors
+    line = outcome.failures[name]
+    assert line.startswith("ConfigError: dataset 'folder': ") and "\n" not in line
+    assert outcome.log_file is not None and name in outcome.log_file.read_text()
+
+    [run] = tracking.children(cfg, outcome.experiment_id, outcome.parent_run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags[tracking.ERROR_TAG] == line
+    client = MlflowClient(mlflow_server)
+    folder = client.download_artifacts(run.info.run_id, tracking.TRACEBACK_FILE, str(tmp_path))
+    traceback = Path(folder).read_text()
+    assert traceback.startswith("Traceback (most recent call last):")
+    assert traceback.rstrip().endswith(line)
+    assert client.get_run(outcome.parent_run_id).info.status == "FAILED"
+
+
+# Loads an exported folder the way the README shows, in a process of its own, and saves the
+# images of the sample grid's seeds.
+LOAD_EXPORTED = """
+import sys
+from diffusers import DiffusionPipeline
+from safetensors.torch import save_file
+from lfm_core.pipeline import custom_pipeline_file
+folder, first_seed, count, steps, out = sys.argv[1:]
+pipe = DiffusionPipeline.from_pretrained(
+    folder, custom_pipeline=str(custom_pipeline_file(folder)), trust_remote_code=True
+)
+seeds = range(int(first_seed), int(first_seed) + int(count))
+save_file({"images": pipe(seeds=seeds, num_steps=int(steps)).images}, out)
+"""
+
+
+def test_export_then_from_pretrained_offline_gives_the_logged_samples(
+    swept: tuple[SweepConfig, SweepOutcome],
+    mlflow_server: str,
+    tiny_dinov2: Path,
+    tiny_storage: Path,
+    tmp_path: Path,
+) -> None:
+    from safetensors.torch import load_file
+
+    from lfm_core.images import save_grid
+
+    cfg, outcome = swept
+    trial = expand_trials(cfg)[0]
+    overrides = tiny_overrides(tiny_storage, tiny_dinov2, mlflow_server)
+    folder, images = tmp_path / "pipeline", tmp_path / "images.safetensors"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # offline: nothing from the hub
+    export = [sys.executable, "-m", "orchestrator", "export", str(TINY), *overrides]
+    export += ["--trial", schema.run_name(trial), "--out", str(folder)]
+    done = subprocess.run(export, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"exported {trial.name} as a LatentFlowPipeline" in done.stdout
+    sampling = cfg.sampling
+    args = [str(folder), str(sampling.first_seed), str(GRID_IMAGES), str(sampling.steps)]
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_EXPORTED, *args, str(images)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    # The run's samples.png is drawn from the samples stage's grid; the pipeline's images in
+    # [0, 1] are that grid's (grid + 1) / 2.
+    [run] = [
+        r
+        for r in tracking.children(cfg, outcome.experiment_id, outcome.parent_run_id)
+        if r.data.tags[tracking.TRIAL_TAG] == trial.name
+    ]
+    logged = MlflowClient(mlflow_server).download_artifacts(
+        run.info.run_id, "samples.png", str(tmp_path / "logged")
+    )
+    graph = StageGraph(cfg, cache_for(cfg), progress=False)
+    grid = graph.load_samples(graph.trial(trial).samples)["grid"]
+    redrawn = save_grid(grid, tmp_path / "redrawn.png")
+    assert Path(logged).read_bytes() == redrawn.read_bytes()
+    exported = load_file(str(images))["images"]
+    assert exported.shape == grid.shape
+    assert torch.equal(exported, (grid + 1) / 2)

@@ -101,3 +101,27 @@ def test_job_submit_runs_a_sweep(
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1 and len(children) == 2
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_job_submit_as_the_readme_shows_reuses_the_local_cache(
+    ray_head: tuple[str, dict[str, str]], tiny_dinov2: Path, tiny_storage: Path
+) -> None:
+    """README's steps: `--working-dir .`, the entrypoint `lfm` from the head's PATH, absolute
+    storage; afterwards a local dry run over the same storage finds every stage cached."""
+    url, env = ray_head
+    overrides = tiny_overrides(tiny_storage, tiny_dinov2, f"sqlite:///{tiny_storage}/readme.db")
+    overrides += ["name=tiny-readme", "search.data_reduction.criterion=[random]"]
+    submit = ["ray", "job", "submit", "--address", url, "--working-dir", "."]
+    submit += ["--", "lfm", "sweep", "sweeps/tiny.yaml", *overrides]
+    result = subprocess.run(
+        submit, env=env, cwd=REPO, capture_output=True, text=True, timeout=JOB_TIMEOUT_S
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "succeeded" in output, output[-4000:]
+    assert f"results folder: {tiny_storage}" in output
+
+    dry_run = ["lfm", "sweep", "sweeps/tiny.yaml", *overrides, "--dry-run"]
+    plan = subprocess.run(dry_run, env=env, cwd=REPO, capture_output=True, text=True, check=True)
+    [stages] = [line for line in plan.stdout.splitlines() if line.startswith("stages: ")]
+    distinct, cached = (int(word) for word in stages.split()[1:4:2])
+    assert distinct == cached > 0, stages
