@@ -29,7 +29,7 @@ from lfm_core.metrics import ReferenceStats
 from lfm_core.sampling import SamplerSettings
 from lfm_core.velocity import VelocityModel
 from lfm_core.vq_autoencoder import as_autoencoder, is_vq_folder, load_vq_autoencoder
-from orchestrator import stage_keys
+from orchestrator import remote_stages, stage_keys
 from orchestrator.cache import StageCache, StageRef
 from orchestrator.config import SweepConfig
 from orchestrator.datasets import (
@@ -161,11 +161,15 @@ class StageGraph:
     def get(self, ref: StageRef) -> Path:
         """The local folder of a stage, built (once, cluster-wide) when missing.
 
-        Upstream stages are fetched first, so a build record times its own stage only.
+        Upstream stages are fetched first, so a build record times its own stage only. A GPU
+        stage of a GPU-free driver is built by a GPU task (`orchestrator.remote_stages`); the
+        cache then holds it and this reads it.
         """
         for upstream in ref.upstream.values():
             if upstream.stage not in SOURCE_STAGES:
                 self.get(upstream)
+        if remote_stages.runs_remotely(self, ref):
+            remote_stages.build_remotely(self, ref)
         return self.cache.get(ref, functools.partial(BUILDERS[ref.stage], self, ref))
 
     # ---- loaders (each builds its stage first when missing) ------------------------------------

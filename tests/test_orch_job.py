@@ -7,10 +7,12 @@ The head runs with --block in its own process group, so teardown stops exactly t
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -125,3 +127,34 @@ def test_job_submit_as_the_readme_shows_reuses_the_local_cache(
     [stages] = [line for line in plan.stdout.splitlines() if line.startswith("stages: ")]
     distinct, cached = (int(word) for word in stages.split()[1:4:2])
     assert distinct == cached > 0, stages
+
+
+HANG_LIMIT_S = 60
+
+
+def test_job_asking_for_gpus_a_cpu_cluster_lacks_fails_in_one_line(
+    ray_head: tuple[str, dict[str, str]], tiny_dinov2: Path, tmp_path: Path
+) -> None:
+    """Issue 12's hang: Ray Train retried a GPU worker group on a CPU-only head forever. The
+    sweep now compares the trial's demand with the cluster's nodes before scheduling a trial."""
+    url, env = ray_head
+    overrides = tiny_overrides(tmp_path, tiny_dinov2, f"sqlite:///{tmp_path}/mlflow.db")
+    submit = [str(VENV_BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(REPO)]
+    submit += ["--", "lfm", "sweep", "sweeps/tiny.yaml", *overrides, "resources.use_gpu=true"]
+    started = time.monotonic()
+    result = subprocess.run(
+        submit, env=env, cwd=REPO, capture_output=True, text=True, timeout=JOB_TIMEOUT_S
+    )
+    seconds = time.monotonic() - started
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-4000:]
+    assert seconds < HANG_LIMIT_S, f"{seconds:.0f} s"
+    # The job's log is printed as it runs and again in the failure's status message.
+    errors = sorted({line for line in output.splitlines() if line.startswith("lfm sweep: error")})
+    assert len(errors) == 1, output[-4000:]
+    assert re.fullmatch(
+        r"lfm sweep: error: resources: a Ray Train worker needs GPU: 1 \(\{CPU: 1, GPU: 1\}\) "
+        r"but no node type has more than GPU: 0; largest node: node \S+ \{CPU: 2\}",
+        errors[0],
+    ), errors[0]
+    print(f"GPU demand on a CPU-only head refused after {seconds:.1f} s")
