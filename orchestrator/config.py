@@ -278,6 +278,8 @@ class ResourcesSection:
             autoscaler's time to add nodes) before its trial fails with a one-line error.
         tf32: TF32 matmuls and convolutions in the Ray Train workers on GPUs (Ampere and
             later); off keeps float32 exact.
+        compile: `torch.compile` the network in the Ray Train workers (how it trains, not what
+            it learns: in no stage key); off keeps CPU runs bit-identical.
         num_cpus: CPUs of a local Ray started by `lfm` (None: all); ignored with a cluster.
         checkpoint_every: FM training checkpoint period in steps (0: only at the end).
     """
@@ -295,6 +297,7 @@ class ResourcesSection:
     max_trial_failures: int = 0
     placement_timeout_s: float = 600.0
     tf32: bool = False
+    compile: bool = False
     num_cpus: int | None = None
     checkpoint_every: int = 0
 

@@ -113,6 +113,7 @@ def train_worker(config: dict[str, Any]) -> None:
             resume_from=resume_dir,
             report=report,
             progress=context.get_world_rank() == 0,
+            compile_model=config.get("compile", False),
         )
     if config.get("storage_uri"):
         _record_placement(config, context.get_world_rank(), started_at)
@@ -152,6 +153,7 @@ def fit_velocity(
         "train": train,
         "threads": resources.torch_threads or max(1, math.floor(resources.cpus_per_worker)),
         "tf32": resources.tf32,
+        "compile": resources.compile,
         "run_name": run_name,
         "storage_uri": storage_uri,
     }
