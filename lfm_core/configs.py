@@ -53,6 +53,24 @@ CRITERIA = (
     "class_skew",
 )
 SCORE_CRITERIA = ("loss", "grad", "loss_lowest", "grad_lowest")
+# Criteria that read a k-means clustering (so its k, seed and kmeans kind); the first seven
+# read nothing else, so a precomputed clustering is all they need (owned here, no torch:
+# lfm_core.criteria and the stage keys both read them).
+CLUSTER_CRITERIA = (
+    "cluster_nearest",
+    "cluster_furthest",
+    "balanced_nearest",
+    "balanced_furthest",
+    "cluster_mid",
+    "cluster_mix",
+    "drop_cluster",
+    "balanced_kcenter",
+    "balanced_herding",
+)
+FEATURE_CRITERIA = (*CLUSTER_CRITERIA, "kcenter", "herding")  # read features (N, D)
+LABEL_CRITERIA = ("class_skew",)  # read class labels (N,)
+KMEANS_KINDS = ("euclidean", "spherical")  # scikit-learn's k-means++ | the paper's spherical
+NORMALISATIONS = ("mean", "ema")  # per-t score normalisation: data-set mean | the paper's EMA
 # lfm_core.features
 FEATURE_EXTRACTORS = ("mnist_classifier", "dinov2", "dinov2-base", "clip", "inception", "arcface")
 T_SPLIT_CANDIDATES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # lfm_core.coarse_to_fine

@@ -36,7 +36,9 @@ from lfm_core.configs import (
     DATASETS,
     FEATURE_EXTRACTORS,
     GRIDS,
+    KMEANS_KINDS,
     METHODS,
+    NORMALISATIONS,
     VELOCITY_SIZES,
     AutoencoderConfig,
     TrainConfig,
@@ -189,12 +191,23 @@ class ScoringSection:
             checkpoint).
         num_noise: size of the noise bank of the scores.
         batch_size: samples per scoring pass.
+        kmeans: "euclidean" (scikit-learn k-means++ on unit features) or "spherical" (the
+            paper's cluster_features.py: cosine assignment, renormalised centres).
+        normalise: per-t normalisation of loss / grad scores: "mean" (the data set's mean) or
+            "ema" (the paper's grad_loss_scoring.py running EMA, alpha 0.9).
+        skew, skew_class: "class_skew" keeps round(skew x size) samples of class skew_class.
+        mix_nearest: "cluster_mix" keeps this share of each cluster nearest to its centre.
     """
 
     num_clusters: int | None = None
     probe_steps: int = 200
     num_noise: int = 2
     batch_size: int = 64
+    kmeans: str = "euclidean"
+    normalise: str = "mean"
+    skew: float = 1.0
+    skew_class: int = 0
+    mix_nearest: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -642,6 +655,11 @@ def validate(cfg: SweepConfig) -> None:
     _check_positive("scoring.num_clusters", cfg.scoring.num_clusters, optional=True)
     for key in ("probe_steps", "num_noise", "batch_size"):
         _check_positive(f"scoring.{key}", getattr(cfg.scoring, key))
+    check_choice("scoring.kmeans", cfg.scoring.kmeans, KMEANS_KINDS)
+    check_choice("scoring.normalise", cfg.scoring.normalise, NORMALISATIONS)
+    check_range("scoring.skew", cfg.scoring.skew, 0.0, 1.0)
+    check_range("scoring.skew_class", cfg.scoring.skew_class, 0, math.inf)
+    check_range("scoring.mix_nearest", cfg.scoring.mix_nearest, 0.0, 1.0)
     for key in (
         "steps",
         "num_samples",

@@ -31,7 +31,7 @@ from lfm_core.autoencoder import (
 )
 from lfm_core.checkpoint import save_velocity
 from lfm_core.coarse_to_fine import choose_t_split
-from lfm_core.criteria import labels_needed, per_sample_scores, select
+from lfm_core.criteria import LABEL_CRITERIA, labels_needed, per_sample_scores, select
 from lfm_core.errors import ConfigError
 from lfm_core.features import build_feature_extractor
 from lfm_core.flops import flop_speedup_bound, forward_flops
@@ -68,6 +68,8 @@ SAMPLES_FILE = "samples.safetensors"  # grid, features_fid, features_stability[,
 STATS_FILE = "stats.npz"  # mu (D,), sigma (D, D), n
 METRICS_FILE = "metrics.json"
 INFO_FILE = "info.json"
+# Criterion options a subset key may hold (lfm_core.criteria.select keyword arguments).
+SELECT_OPTIONS = ("kmeans", "skew", "skew_class", "mix_nearest")
 SNAPSHOTS_DIR = "snapshots"
 # In an fm_model stage's info.json: [[step, loss], ...], the training loss curve.
 LOSS_HISTORY = "loss_history"
@@ -198,6 +200,7 @@ def build_subset(graph: StageGraph, ref: StageRef, folder: Path) -> None:
             graph.tensors(up["features"], FEATURES_FILE)["features"] if "features" in up else None
         )
         scores = graph.tensors(up["scores"], SCORES_FILE)["scores"] if "scores" in up else None
+        options = {key: inputs[key] for key in SELECT_OPTIONS if key in inputs}
         indices = select(
             inputs["criterion"],
             inputs["fraction"],
@@ -206,6 +209,8 @@ def build_subset(graph: StageGraph, ref: StageRef, folder: Path) -> None:
             num_clusters=inputs.get("num_clusters"),
             seed=inputs.get("seed", 0),
             num_samples=n,
+            labels=labels if inputs["criterion"] in LABEL_CRITERIA else None,
+            **options,
         )
     save_file({"indices": indices.contiguous()}, str(folder / INDICES_FILE))
     info = {"size": int(indices.numel()), "labels_used": labels_needed(labels, indices)}
@@ -226,6 +231,7 @@ def build_scores(graph: StageGraph, ref: StageRef, folder: Path) -> None:
         batch_size=graph.execution.score_batch_size,
         labels=labels,
         progress=graph.execution.progress,
+        normalise=ref.inputs.get("normalise", "mean"),
     )
     save_file({"scores": scores.contiguous()}, str(folder / SCORES_FILE))
 

@@ -20,7 +20,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from lfm_core.configs import SCORE_CRITERIA, T_SPLIT_CANDIDATES  # names only: no torch
+from lfm_core.configs import (  # names only: no torch
+    CLUSTER_CRITERIA,
+    FEATURE_CRITERIA,
+    KMEANS_KINDS,
+    LABEL_CRITERIA,
+    NORMALISATIONS,
+    SCORE_CRITERIA,
+    T_SPLIT_CANDIDATES,
+)
 from orchestrator.cache import StageRef
 from orchestrator.config import SweepConfig
 from orchestrator.trials import Trial
@@ -46,8 +54,7 @@ SOURCE_STAGES = ("dataset",)
 FULL_SUBSET = "all"
 HALF_SUBSET = "halves"
 HALVES = ("A", "B")
-# The one criterion that reads neither features nor scores.
-RANDOM = "random"
+DEFAULT_KMEANS, DEFAULT_NORMALISE = KMEANS_KINDS[0], NORMALISATIONS[0]
 # Probe models (for "loss" / "grad" scores) are trained with this seed whatever the trial's.
 PROBE_SEED = 0
 
@@ -131,14 +138,22 @@ def subset(cfg: SweepConfig, fraction: float, criterion: str, seed: int) -> Stag
         # Every criterion keeps everything: one shared subset, so one shared model.
         return _ref("subset", {"fraction": 1.0, "criterion": FULL_SUBSET}, upstream)
     inputs: dict[str, Any] = {"fraction": fraction, "criterion": criterion}
+    scoring = cfg.scoring
     if criterion in SCORE_CRITERIA:
-        upstream["scores"] = scores(cfg, criterion)
+        # "loss" and "loss_lowest" keep opposite ends of one scores stage.
+        upstream["scores"] = scores(cfg, criterion.removesuffix("_lowest"))
     else:
         inputs["seed"] = seed  # score criteria are deterministic: no seed in their key
-    if criterion not in (RANDOM, *SCORE_CRITERIA):
+    if criterion in FEATURE_CRITERIA:
         upstream["features"] = data_features(cfg, "clustering", "train")
-    if criterion.startswith(("cluster_", "balanced_")):
-        inputs["num_clusters"] = cfg.scoring.num_clusters
+    if criterion in CLUSTER_CRITERIA:
+        inputs["num_clusters"] = scoring.num_clusters
+        if scoring.kmeans != DEFAULT_KMEANS:  # keys of the default k-means stay as they were
+            inputs["kmeans"] = scoring.kmeans
+    if criterion in LABEL_CRITERIA:
+        inputs.update(skew=scoring.skew, skew_class=scoring.skew_class)
+    if criterion == "cluster_mix":
+        inputs["mix_nearest"] = scoring.mix_nearest
     return _ref("subset", inputs, upstream)
 
 
@@ -185,7 +200,9 @@ def probe(cfg: SweepConfig) -> StageRef:
 
 def scores(cfg: SweepConfig, kind: str) -> StageRef:
     """Per-sample scores (N,) of kind "loss" or "grad" from the probe model."""
-    inputs = {"kind": kind, "num_noise": cfg.scoring.num_noise, "seed": PROBE_SEED}
+    inputs: dict[str, Any] = {"kind": kind, "num_noise": cfg.scoring.num_noise, "seed": PROBE_SEED}
+    if cfg.scoring.normalise != DEFAULT_NORMALISE:
+        inputs["normalise"] = cfg.scoring.normalise
     return _ref("scores", inputs, {"latents": latents(cfg), "probe": probe(cfg)})
 
 

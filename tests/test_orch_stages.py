@@ -166,3 +166,36 @@ def test_halves_are_disjoint_equal_and_seeded(tmp_path: Path, tiny_dinov2: Path)
     assert a != indices("A", 4)
     with pytest.raises(ValueError, match="half: 'C' is not one of A, B"):
         keys.half(graph.cfg, "C", 3)
+
+
+@pytest.mark.timeout(240)
+def test_new_criteria_are_wired_into_the_subset_keys(tmp_path: Path, tiny_dinov2: Path) -> None:
+    graph = _graph(tmp_path, tiny_dinov2, "scoring.probe_steps=3")
+    cfg = graph.cfg
+    n = graph.info(keys.latents(cfg))["shape"][0]
+
+    def kept(criterion: str) -> set[int]:
+        ref = keys.subset(cfg, 0.5, criterion, 0)
+        return set(graph.tensors(ref, "indices.safetensors")["indices"].tolist())
+
+    # The hardest and the easiest halves of one scores stage: disjoint, together everything.
+    hardest, easiest = kept("loss"), kept("loss_lowest")
+    loss, lowest = keys.subset(cfg, 0.5, "loss", 0), keys.subset(cfg, 0.5, "loss_lowest", 0)
+    assert loss.upstream["scores"].key == lowest.upstream["scores"].key
+    assert len(hardest) == len(easiest) == n // 2 and hardest | easiest == set(range(n))
+    # Cluster criteria carry their k (and a non-default k-means kind) in the key.
+    assert (
+        keys.subset(cfg, 0.5, "drop_cluster", 0).inputs["num_clusters"] == cfg.scoring.num_clusters
+    )
+    assert "kmeans" not in keys.subset(cfg, 0.5, "balanced_nearest", 0).inputs
+    spherical = _graph(tmp_path, tiny_dinov2, "scoring.kmeans=spherical").cfg
+    assert keys.subset(spherical, 0.5, "balanced_nearest", 0).inputs["kmeans"] == "spherical"
+    assert len(kept("drop_cluster")) == n // 2
+    # class_skew reads the labels: skew 1 keeps one class only. (mnist5k's train split is
+    # sorted by class: its first 900 digits are 0s, 1s and a few 2s.)
+    skewed = _graph(tmp_path / "skew", tiny_dinov2, "data.limit=900", "scoring.skew_class=1")
+    labels = skewed.tensors(keys.latents(skewed.cfg), "latents.safetensors")["labels"]
+    assert set(labels.tolist()) == {0, 1, 2}
+    indices = skewed.tensors(keys.subset(skewed.cfg, 0.25, "class_skew", 0), "indices.safetensors")
+    assert set(labels[indices["indices"]].tolist()) == {1}
+    assert indices["indices"].numel() == 225

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from lfm_core.configs import CLUSTER_CRITERIA, FEATURE_CRITERIA, LABEL_CRITERIA
 from lfm_core.criteria.clustering import (
     KMEANS_KINDS,
     KMEANS_N_INIT,
@@ -235,21 +236,6 @@ _SELECTORS: dict[str, Callable[[_Request], Tensor]] = {
 }
 CRITERIA = tuple(_SELECTORS)
 SCORE_CRITERIA = ("loss", "grad", "loss_lowest", "grad_lowest")
-# Criteria that read a k-means clustering (so its k, seed and kmeans kind); the first seven
-# read nothing else, so a precomputed clustering is all they need.
-CLUSTER_CRITERIA = (
-    "cluster_nearest",
-    "cluster_furthest",
-    "balanced_nearest",
-    "balanced_furthest",
-    "cluster_mid",
-    "cluster_mix",
-    "drop_cluster",
-    "balanced_kcenter",
-    "balanced_herding",
-)
-FEATURE_CRITERIA = (*CLUSTER_CRITERIA, "kcenter", "herding")  # read features (N, D)
-LABEL_CRITERIA = ("class_skew",)  # read class labels (N,)
 
 
 def score_kind(criterion: str) -> str:

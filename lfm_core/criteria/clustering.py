@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from torch import Tensor
 
+from lfm_core.configs import KMEANS_KINDS
 from lfm_core.errors import check_choice, check_range
 
-KMEANS_KINDS = ("euclidean", "spherical")
 KMEANS_N_INIT = 4  # scikit-learn k-means restarts; the best inertia wins
 SPHERICAL_ITERATIONS = 100  # the paper's cluster_features.py --iterations
 SPHERICAL_TOL = 1e-6  # cluster_features.py stops when the mean centre shift is below this

@@ -8,11 +8,11 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from tqdm import tqdm
 
+from lfm_core.configs import NORMALISATIONS
 from lfm_core.errors import ConfigError, check_choice, check_range
 from lfm_core.paths import per_sample_fm_loss
 
 SCORE_KINDS = ("loss", "grad")
-NORMALISATIONS = ("mean", "ema")
 NUM_SCORE_T = 10  # interior t values the paper's scores average over ("10t")
 NUM_SCORE_NOISE = 2  # noise draws per t in the paper's grad_loss_scoring.py
 EMA_ALPHA = 0.9  # grad_loss_scoring.py --ema-alpha
