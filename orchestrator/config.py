@@ -339,13 +339,15 @@ class SweepConfig:
         profile: "embedded" (the file's defaults) or a name under the file's `profiles`.
         storage: absolute path or s3://bucket/prefix for cache, checkpoints and artefacts
             (None: $LFM_STORAGE, else ./results made absolute).
-        cache_wait_timeout_s: how long a trial waits for a stage another trial is building.
+        cache_wait_timeout_s: an overall limit on waiting for a stage another process is
+            building (None: none; a waiter follows the builder's lease renewals and takes the
+            build over when they stop, see orchestrator.cache).
     """
 
     name: str = "sweep"
     profile: str = EMBEDDED_PROFILE
     storage: str | None = None
-    cache_wait_timeout_s: float = 6 * 3600.0
+    cache_wait_timeout_s: float | None = None
     data: DataSection = field(default_factory=DataSection)
     autoencoder: AutoencoderSection = field(default_factory=AutoencoderSection)
     features: FeaturesSection = field(default_factory=FeaturesSection)
@@ -597,9 +599,6 @@ def check_model_shapes(cfg: SweepConfig) -> None:
             raise ConfigError(f"{key}.{err}") from None
 
 
-AUTOENCODER_KINDS = ("kl", "vq")
-
-
 def _validate_data_scale(cfg: SweepConfig) -> None:
     """The streaming data and autoencoder settings: folders only where they apply."""
     if cfg.data.heldout_root is not None and cfg.data.name != "folder":
@@ -678,7 +677,8 @@ def validate(cfg: SweepConfig) -> None:
     _validate_fidelity_options(cfg)
     _validate_search(cfg)
     _validate_resources(cfg)
-    check_range("cache_wait_timeout_s", cfg.cache_wait_timeout_s, 0.0, math.inf, low_open=True)
+    if cfg.cache_wait_timeout_s is not None:
+        check_range("cache_wait_timeout_s", cfg.cache_wait_timeout_s, 0.0, math.inf, low_open=True)
 
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")

@@ -49,9 +49,6 @@ LEASE_TTL_S = 60.0
 RENEWALS_PER_TTL = 3
 # A waiter repeats its "waiting for ..." line at most this often (in TTLs).
 LOG_EVERY_TTLS = 5
-# Former Ray actor lease names, kept for importers until they drop them.
-LOCKS_ACTOR = "lfm-stage-locks"
-LOCKS_NAMESPACE = "lfm"
 
 _LIVE: set[str] = set()  # holders whose heartbeat runs in this process
 _LIVE_GUARD = threading.Lock()
@@ -76,10 +73,6 @@ def holder_id() -> str:
 def _forget(holder: str) -> None:
     with _LIVE_GUARD:
         _LIVE.discard(holder)
-
-
-def lock_actor() -> None:
-    """No-op: leases live in the storage now, no cluster actor is needed (kept for callers)."""
 
 
 @dataclass(frozen=True)

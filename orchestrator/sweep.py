@@ -52,7 +52,6 @@ import torch
 from orchestrator import cluster_fit, schema, tracking
 from orchestrator.cache import StageCache
 from orchestrator.config import ResourcesSection, SweepConfig, check_local_paths
-from orchestrator.locks import lock_actor
 from orchestrator.schema import METRIC_KEYS, run_metrics
 from orchestrator.stage_builders import LOSS_HISTORY
 from orchestrator.stages import StageGraph
@@ -329,7 +328,6 @@ def run_sweep(
         check_local_paths(cfg)
     init_ray(cfg, address)
     concurrent = fit_cluster(cfg, cluster_file)
-    lock_actor()  # created by this driver before any trial asks for it
     experiment_id = tracking.ensure_experiment(cfg)
     state = f"{SWEEPS_DIR}/{cfg.name}/parent_run.json"
     if resume:

@@ -27,7 +27,7 @@ from lfm_core.velocity import VelocityConfig
 from orchestrator import cli, schema, tracking
 from orchestrator.cache import StageCache, StageRef
 from orchestrator.config import SweepConfig, load_sweep
-from orchestrator.locks import LOCKS_ACTOR, LOCKS_NAMESPACE
+from orchestrator.locks import LEASES_DIR
 from orchestrator.sample_workers import GRID_IMAGES
 from orchestrator.schema import SINGLE_MODEL_METRICS, TRAIN_LOSS
 from orchestrator.stage_builders import load_training_data
@@ -191,7 +191,7 @@ def _build_slowly(root: str, start_at: float) -> str:
     return str(StageCache(Storage(root), poll_s=0.1).get(StageRef("race", "1", {"n": 1}), build))
 
 
-def test_concurrent_drivers_build_a_stage_once_through_the_lock_actor(
+def test_concurrent_drivers_build_a_stage_once_through_the_storage_lease(
     ray_local: None, tmp_path: Path
 ) -> None:
     import time
@@ -205,9 +205,9 @@ def test_concurrent_drivers_build_a_stage_once_through_the_lock_actor(
     assert len(set(folders)) == 1
     assert (Path(folders[0]) / "out.txt").read_text() == "built once"
     assert len(StageCache(Storage(str(tmp_path))).records()) == 1
-    # The leases came from the cluster's lock actor, not from file locks.
-    assert ray.get_actor(LOCKS_ACTOR, namespace=LOCKS_NAMESPACE) is not None
-    assert not (tmp_path / "cache" / "_locks").exists()
+    # The lease lived in the storage (a lock file beside the cache), not in the Ray cluster.
+    key = StageRef("race", "1", {"n": 1}).key
+    assert [p.name for p in (tmp_path / LEASES_DIR).glob("*.lock")] == [f"race-{key}.lock"]
 
 
 def test_a_trial_that_raises_leaves_a_failed_child_run_with_its_error(
