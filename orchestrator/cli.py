@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -111,6 +112,9 @@ def quiet_terminal() -> None:
         sys.stderr = QuietStream(sys.stderr)  # type: ignore[assignment]
     for name in ("ray.train", "ray.tune", "ray.air", "ray.util.state", "mlflow.store.db.utils"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Without Tune's file loggers (no TensorBoard) it warns that no trial wrote result.json;
+    # the trials' metrics come from their reports, which it has.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     # A failed trial is one line in the closing summary; its traceback goes to the log file.
     controller = logging.getLogger("ray.tune.execution.tune_controller")
     controller.addFilter(lambda record: "Trial task failed" not in record.getMessage())
@@ -298,7 +302,9 @@ def print_outcome(cfg: SweepConfig, outcome: Any) -> None:
     print(
         f"\nsweep {cfg.name!r}: {len(outcome.metrics)} trials finished, {len(outcome.errors)} failed, {outcome.seconds:.0f} s"
     )
-    keys = headline()
+    # Columns no finished trial has (speedup_vs_fine without coarse-to-fine trials) are left out.
+    rows = outcome.metrics.values()
+    keys = [k for k in headline() if any(math.isfinite(m.get(k, math.nan)) for m in rows)]
     width = max((len(names.get(name, name)) for name in outcome.metrics), default=5)
     print(f"  {'trial':<{width}}  " + "  ".join(f"{key:>20}" for key in keys))
     for name, metrics in sorted(outcome.metrics.items()):
