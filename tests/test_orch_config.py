@@ -228,6 +228,18 @@ BAD_INPUTS = [
         "train.batch_size: 128 must be divisible by resources.num_workers=3",
     ),
     (["storage=s3://"], "storage: 's3://' names no bucket"),
+    (
+        ["resources.placement_strategy=RANDOM"],
+        "resources.placement_strategy: unknown value 'RANDOM'; allowed: PACK, SPREAD, "
+        "STRICT_PACK, STRICT_SPREAD",
+    ),
+    (
+        ["resources.worker_resources={GPU: 1}"],
+        "resources.worker_resources.GPU: set CPUs and GPUs with cpus_per_worker / use_gpu",
+    ),
+    (["resources.placement_timeout_s=0"], "resources.placement_timeout_s"),
+    (["resources.cpus_per_worker=0"], "resources.cpus_per_worker"),
+    (["resources.max_trial_failures=-2"], "resources.max_trial_failures"),
     (["search.main.seed={grid: [1]}"], "search.main.seed: search axis"),
     (["train"], "override 'train': expected key=value"),
 ]
@@ -306,6 +318,16 @@ def test_dry_run_lists_trials_and_stages(
         (["resources.max_concurrent_trials=2"], {"CPU": 64.0}, 2),
         (["resources.use_gpu=true", "resources.num_workers=4"], {"CPU": 64.0, "GPU": 8.0}, 2),
         (["resources.num_workers=4"], {"CPU": 2.0}, 1),
+        # Fractional CPUs: 0.5 driver + 2 x 0.5 workers = 1.5 per trial.
+        (
+            [
+                "resources.driver_cpus=0.5",
+                "resources.cpus_per_worker=0.5",
+                "resources.num_workers=2",
+            ],
+            {"CPU": 4.0},
+            2,
+        ),
     ],
 )
 def test_max_concurrent_trials_fit_the_cluster(
