@@ -381,13 +381,23 @@ def _count(max_count: int) -> int:
     return UNLIMITED if max_count < 0 else int(max_count)
 
 
-def running_node_types(cluster_file: str | None = None) -> list[NodeType]:
-    """Node types of the connected Ray: `cluster_file`'s, else the autoscaler's, else its nodes."""
+NODES_ONLY_HINT = (
+    " (node types: this cluster's nodes, as no autoscaler publishes its own; for an "
+    "autoscaling cluster pass --cluster FILE)"
+)
+
+
+def running_node_types(cluster_file: str | None = None) -> tuple[list[NodeType], str]:
+    """Node types of the connected Ray: `cluster_file`'s, else the autoscaler's, else its
+    nodes; and the hint a refusal adds (non-empty only in the last case)."""
     import ray
 
     if cluster_file is not None:
-        return node_types_from_file(cluster_file)
-    return autoscaler_node_types() or node_types_from_nodes(ray.nodes())
+        return node_types_from_file(cluster_file), ""
+    types = autoscaler_node_types()
+    if types:
+        return types, ""
+    return node_types_from_nodes(ray.nodes()), NODES_ONLY_HINT
 
 
 def plan_lines(res: ResourcesSection, trial_names: list[str], nodes: list[NodeType]) -> list[str]:

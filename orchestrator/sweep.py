@@ -294,9 +294,13 @@ def fit_cluster(cfg: SweepConfig, cluster_file: str | None = None) -> int:
     Raises:
         ConfigError: one line naming the resource, the demand and the largest node.
     """
-    nodes = cluster_fit.running_node_types(cluster_file)
+    from lfm_core.errors import ConfigError
+
+    nodes, hint = cluster_fit.running_node_types(cluster_file)
     demand = cluster_fit.trial_demand(cfg.resources)
-    cluster_fit.check_fit(demand, nodes)
+    error = cluster_fit.fit_error(demand, nodes)
+    if error is not None:
+        raise ConfigError(error + hint)
     concurrent = cluster_fit.max_concurrent(demand, nodes, cfg.resources.max_concurrent_trials)
     log.info("trial demand %s; %d trial(s) at once", demand.describe(), concurrent)
     return concurrent

@@ -154,7 +154,8 @@ def test_job_asking_for_gpus_a_cpu_cluster_lacks_fails_in_one_line(
     assert len(errors) == 1, output[-4000:]
     assert re.fullmatch(
         r"lfm sweep: error: resources: a Ray Train worker needs GPU: 1 \(\{CPU: 1, GPU: 1\}\) "
-        r"but no node type has more than GPU: 0; largest node: node \S+ \{CPU: 2\}",
+        r"but no node type has more than GPU: 0; largest node: node \S+ \{CPU: 2\} "
+        r"\(node types: this cluster's nodes, .* pass --cluster FILE\)",
         errors[0],
     ), errors[0]
     print(f"GPU demand on a CPU-only head refused after {seconds:.1f} s")
