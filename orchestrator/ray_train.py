@@ -249,4 +249,6 @@ def _fit_result(result: Any, run_name: str, snapshot_every: int | None) -> FitRe
             snapshot = load_velocity(Path(directory), name="ema")
         snapshots.append(Snapshot(int(metrics["step"]), float(metrics["elapsed_s"]), snapshot))
     snapshots.sort(key=lambda s: s.step)
-    return FitResult(ema=ema, metrics=dict(result.metrics or {}), snapshots=snapshots, losses=losses)
+    return FitResult(
+        ema=ema, metrics=dict(result.metrics or {}), snapshots=snapshots, losses=losses
+    )
