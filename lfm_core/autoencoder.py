@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,26 +46,34 @@ _TRUE_ENV_VALUES = ("1", "ON", "YES", "TRUE")
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 
+def block_kwargs(cfg: AutoencoderConfig) -> dict[str, Any]:
+    """The diffusers constructor arguments of an encoder-decoder of cfg's blocks (shared by
+    AutoencoderKL and VQModel)."""
+    n = len(cfg.block_out_channels)
+    return {
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.in_channels,
+        "down_block_types": ("DownEncoderBlock2D",) * n,
+        "up_block_types": ("UpDecoderBlock2D",) * n,
+        "block_out_channels": tuple(cfg.block_out_channels),
+        "layers_per_block": cfg.layers_per_block,
+        "latent_channels": cfg.latent_channels,
+        "norm_num_groups": cfg.norm_num_groups,
+        "sample_size": cfg.sample_size,
+        "mid_block_add_attention": cfg.mid_block_attention,
+    }
+
+
 def build_autoencoder(cfg: AutoencoderConfig) -> AutoencoderKL:
     """A freshly initialised AutoencoderKL; its weights depend on cfg.seed alone.
 
     Its scaling factor is 1 until `train_autoencoder` measures one.
     """
-    n = len(cfg.block_out_channels)
     # A private RNG state, so building neither depends on nor disturbs the global one.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return AutoencoderKL(
-            in_channels=cfg.in_channels,
-            out_channels=cfg.in_channels,
-            down_block_types=("DownEncoderBlock2D",) * n,
-            up_block_types=("UpDecoderBlock2D",) * n,
-            block_out_channels=tuple(cfg.block_out_channels),
-            layers_per_block=cfg.layers_per_block,
-            latent_channels=cfg.latent_channels,
-            norm_num_groups=cfg.norm_num_groups,
-            sample_size=cfg.sample_size,
-            mid_block_add_attention=cfg.mid_block_attention,
+            **block_kwargs(cfg),
             scaling_factor=UNMEASURED_SCALING_FACTOR,
         )
 

@@ -7,7 +7,6 @@ and the sha256 of every file, verified before any file is used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 from pathlib import Path
@@ -19,18 +18,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lfm_core.errors import ConfigError
+from lfm_core.files import file_sha256
 from lfm_core.velocity import VelocityConfig, VelocityModel, build_velocity
 
 CONFIG_FILE = "config.json"
 MAX_DETAIL_CHARS = 300
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _state(module: nn.Module | dict[str, Tensor]) -> dict[str, Tensor]:
@@ -56,11 +48,11 @@ def save_checkpoint(
     for name, module in modules.items():
         path = directory / f"{name}.safetensors"
         save_file(_state(module), str(path))
-        files[path.name] = _sha256(path)
+        files[path.name] = file_sha256(path)
     for name, state in (extra_state or {}).items():
         path = directory / f"{name}.pt"
         torch.save(state, path)
-        files[path.name] = _sha256(path)
+        files[path.name] = file_sha256(path)
     tmp = directory / f".{CONFIG_FILE}.tmp"
     tmp.write_text(json.dumps({"config": config, "files": files}, indent=2, sort_keys=True))
     tmp.replace(directory / CONFIG_FILE)
@@ -100,7 +92,7 @@ def _verified(directory: Path, filename: str) -> Path:
     expected = _manifest(directory)["files"].get(filename)
     if expected is None:
         raise ConfigError(f"checkpoint file {path} has no sha256 in {directory / CONFIG_FILE}")
-    if _sha256(path) != expected:
+    if file_sha256(path) != expected:
         raise ConfigError(f"checkpoint file is corrupt or truncated (sha256 mismatch): {path}")
     return path
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from lfm_core.autoencoder import (
     UNMEASURED_SCALING_FACTOR,
     AutoencoderConfig,
+    block_kwargs,
     encode,
 )
 from lfm_core.errors import ConfigError
@@ -73,21 +74,11 @@ def build_vq_autoencoder(
     cfg: AutoencoderConfig, num_vq_embeddings: int = DEFAULT_CODEBOOK
 ) -> VQAutoencoder:
     """A freshly initialised VQAutoencoder (scale 1); its weights depend on cfg.seed alone."""
-    n = len(cfg.block_out_channels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return VQAutoencoder(
-            in_channels=cfg.in_channels,
-            out_channels=cfg.in_channels,
-            down_block_types=("DownEncoderBlock2D",) * n,
-            up_block_types=("UpDecoderBlock2D",) * n,
-            block_out_channels=tuple(cfg.block_out_channels),
-            layers_per_block=cfg.layers_per_block,
-            latent_channels=cfg.latent_channels,
-            norm_num_groups=cfg.norm_num_groups,
-            sample_size=cfg.sample_size,
+            **block_kwargs(cfg),
             num_vq_embeddings=num_vq_embeddings,
-            mid_block_add_attention=cfg.mid_block_attention,
             scaling_factor=UNMEASURED_SCALING_FACTOR,
         )
 

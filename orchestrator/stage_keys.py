@@ -15,7 +15,6 @@ extraction, sampling and scoring, threads, the trainer) live in `orchestrator.st
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from lfm_core.configs import (  # names only: no torch
     SCORE_CRITERIA,
     T_SPLIT_CANDIDATES,
 )
+from lfm_core.files import file_sha256
 from orchestrator.cache import StageRef
 from orchestrator.config import SweepConfig
 from orchestrator.trials import Trial
@@ -283,16 +283,8 @@ def reference_stats(cfg: SweepConfig) -> StageRef:
     or those of the `features.fid_stats` .npz (its path and content hash in the key)."""
     if cfg.features.fid_stats is not None:
         path = Path(cfg.features.fid_stats).expanduser().resolve()
-        return _ref("reference_stats", {"npz": str(path), "sha256": _sha256(path)})
+        return _ref("reference_stats", {"npz": str(path), "sha256": file_sha256(path)})
     return _ref("reference_stats", {}, {"features": data_features(cfg, "fid", "heldout")})
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
