@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench demo clean
+.PHONY: install run test test-integration lint bench demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,7 +25,12 @@ demo: $(STAMP)
 # One thread per test process: tests start Ray workers and servers beside pytest, and on 2 cores
 # oversubscribed OpenMP threads made small training steps up to 60x slower.
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not integration" tests
+
+# The heavy integration tests: Ray Train fits, Tune sweeps, ray job submit, a two-node cluster,
+# S3 sweeps with a killed driver, folder data sets through Ray Data (about 13 minutes on 2 cores).
+test-integration: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m integration tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check lfm_core orchestrator tests benchmarks

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -190,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", required=True, help="PNG file for the sample grid")
 
     _export_parser(sub)
+    _stats_parser(sub)
 
     # Listed for --help; `main` hands everything after `report` to orchestrator.report.
     sub.add_parser(
@@ -206,6 +208,22 @@ def _export_parser(sub: Any) -> None:
     _add_sweep_file(export)
     export.add_argument("--trial", required=True, help="trial name (as lfm sweep lists them)")
     export.add_argument("--out", required=True, help="folder to write")
+
+
+def _stats_parser(sub: Any) -> None:
+    stats = sub.add_parser(
+        "stats",
+        help="write the FID reference statistics (mu, sigma) of a sweep's held-out images as an "
+        ".npz (for features.fid_stats)",
+    )
+    _add_sweep_file(stats)
+    stats.add_argument(
+        "--folder",
+        default=None,
+        help="a folder of validation images to use as the held-out split (data.heldout_root; "
+        "with data.name=folder)",
+    )
+    stats.add_argument("--out", required=True, help=".npz file to write")
 
 
 def _load(args: argparse.Namespace, extra: Sequence[str] = ()) -> SweepConfig:
@@ -451,6 +469,31 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stats(args: argparse.Namespace) -> int:
+    from orchestrator.config import format_override
+
+    extra = ["features.fid_stats=null"]
+    if args.folder is not None:
+        extra.append(format_override("data.heldout_root", str(Path(args.folder).resolve())))
+    cfg = _load(args, extra)
+    from orchestrator import stage_keys
+    from orchestrator.stage_builders import STATS_FILE
+    from orchestrator.stages import StageGraph, read_info
+    from orchestrator.sweep import cache_for
+
+    graph = StageGraph(cfg, cache_for(cfg))
+    folder = graph.get(stage_keys.reference_stats(cfg))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(folder / STATS_FILE, out)
+    info = read_info(folder)
+    print(
+        f"reference stats of {info['n']} held-out images ({info['dim']}-d "
+        f"{cfg.features.fid.name} features): {out}"
+    )
+    return 0
+
+
 def _report(argv: list[str]) -> int:
     from orchestrator.report import main as report_main
 
@@ -463,6 +506,7 @@ COMMANDS = {
     "train": _train,
     "sample": _sample,
     "export": _export,
+    "stats": _stats,
 }
 
 

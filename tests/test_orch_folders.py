@@ -22,7 +22,7 @@ from lfm_core.autoencoder import encode, load_autoencoder
 from lfm_core.data import load_dataset
 from lfm_core.train import TensorLatents, TrainConfig, train_velocity
 from lfm_core.velocity import VelocityConfig
-from orchestrator import stage_keys
+from orchestrator import cli, stage_keys
 from orchestrator.config import load_sweep
 from orchestrator.datasets import ShardedLatents, ShardWriter, load_shards, shard_index
 from orchestrator.stages import StageGraph
@@ -149,6 +149,18 @@ def test_tiny_sweep_over_a_flat_local_folder(
     assert all(math.isfinite(metrics[k]) for k in ("fid", "stability_similarity"))
     info = graph.info(stage_keys.latents(cfg))
     assert info["num_classes"] == 1 and info["shape"][0] == 180
+    # `lfm stats` writes the held-out folder images' statistics; FID against the .npz equals
+    # FID against the folder, for the trial's samples, bit for bit.
+    npz = tmp_path / "ref.npz"
+    overrides = _overrides(tmp_path, tiny_dinov2, tracking, str(folders["flat"]))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["stats", str(TINY), *overrides, "--out", str(npz)])
+    assert exit_info.value.code == 0
+    with_npz = load_sweep(TINY, [*overrides, f"features.fid_stats={npz}"])
+    npz_graph = StageGraph(
+        with_npz, cache_for(with_npz), trainer=InProcessTrainer(), progress=False
+    )
+    assert npz_graph.metrics(trial)["fid"] == metrics["fid"]
 
 
 @pytest.fixture

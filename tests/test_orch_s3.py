@@ -210,7 +210,11 @@ def test_sweep_on_s3_survives_a_killed_driver_and_stores_everything_in_the_bucke
         assert run.info.artifact_uri.startswith(f"{storage}/mlflow/")
         artefacts = run.info.artifact_uri.removeprefix(f"s3://{SWEEP_BUCKET}/") + "/"
         names = {k.removeprefix(artefacts) for k in keys if k.startswith(artefacts)}
-        assert names == {"config.json", "samples.png", "comparison.png"}
+        assert {"config.json", "samples.png", "comparison.png"} <= names
+        # ... and the trained pipeline folder (the coarse-to-fine one for t_split trials).
+        pipeline = {name for name in names if name.startswith("pipeline/")}
+        assert pipeline and names == {"config.json", "samples.png", "comparison.png"} | pipeline
+        assert any(name.endswith("diffusion_pytorch_model.safetensors") for name in pipeline)
 
 
 @pytest.mark.timeout(2 * OUTAGE_LIMIT_S)
