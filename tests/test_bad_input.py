@@ -27,12 +27,12 @@ from conftest import REPO, VENV_BIN
 
 from lfm_core.checkpoint import (
     CONFIG_FILE,
-    _sha256,
     load_extra_state,
     load_velocity,
     save_velocity,
 )
 from lfm_core.errors import ConfigError
+from lfm_core.files import file_sha256
 from lfm_core.train import TrainConfig, train_velocity
 from lfm_core.velocity import VelocityConfig, build_velocity
 from orchestrator import cli
@@ -101,7 +101,7 @@ def _set_velocity(folder: Path, **changes: Any) -> None:
 def _rehash(folder: Path, filename: str) -> None:
     """Record the file's current hash, as a tool that rewrote the checkpoint would."""
     manifest = _manifest(folder)
-    manifest["files"][filename] = _sha256(folder / filename)
+    manifest["files"][filename] = file_sha256(folder / filename)
     _write_manifest(folder, manifest)
 
 
