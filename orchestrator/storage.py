@@ -221,7 +221,8 @@ class Storage:
 
     def _require_s3(self, what: str) -> None:
         if self.is_local:
-            raise NotImplementedError(f"{what}: conditional overwrites need S3 ({self.uri})")
+            # Local storage takes its leases with flock (locks.FileLease), never through this.
+            raise ValueError(f"{what}: conditional overwrites are an S3 call; {self.uri} is local")
 
     def _conditional(self, call: str, rel: str, **kwargs: Any) -> Any:
         """One boto3 call on the object ``rel``; None when its condition did not hold."""
