@@ -245,6 +245,13 @@ class StageCache:
                 self._move_into_place(scratch, mirror)
         return mirror
 
+    def entry_info(self, stage: str, key: str) -> dict[str, Any]:
+        """The `info.json` of a complete entry, read from the storage ({} when it has none)."""
+        rel = f"{CACHE_DIR}/{stage}/{key}"
+        folder = json.loads(self.storage.read_text(f"{rel}/{COMPLETE}")).get(FOLDER_KEY)
+        path = f"{rel}/{folder}/info.json" if folder else f"{rel}/info.json"
+        return self.storage.read_json(path) if self.storage.exists(path) else {}
+
     def records(self) -> list[dict[str, Any]]:
         """Every build record written so far (stage, key, start, end, seconds, host, pid)."""
         return [

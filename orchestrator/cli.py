@@ -332,6 +332,8 @@ def print_outcome(cfg: SweepConfig, outcome: Any) -> None:
         print(f"  FAILED {names.get(name, name)}: {outcome.failures.get(name, '')}")
     if outcome.log_file is not None:
         print(f"tracebacks: {outcome.log_file}")
+    if outcome.time_budget is not None:
+        print(outcome.time_budget.line())
 
 
 def _sweep(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from orchestrator import schema
-from orchestrator.report_tables import FULL_DATA, Row, Table
+from orchestrator.report_tables import FLOOR, FULL_DATA, Row, Table
 
 DPI = 120
 PANEL_SIZE = (5.0, 3.8)
@@ -79,9 +79,10 @@ def data_reduction_figure(table: Table, path: Path) -> bool:
         False (and no file) when no cell has a value.
     """
     full = [r for r in table.rows if r.labels[1] == FULL_DATA]
+    floors = [r for r in table.rows if r.labels[0] == FLOOR]
     by_criterion: dict[str, list[Row]] = defaultdict(list)
     for row in table.rows:
-        if row.labels[1] != FULL_DATA:
+        if row.labels[1] != FULL_DATA and row not in floors:
             by_criterion[row.labels[1]].append(row)
     figure = Figure(figsize=(2 * PANEL_SIZE[0], PANEL_SIZE[1]), layout="constrained")
     fid_ax, sim_ax = figure.subplots(1, 2)
@@ -106,6 +107,15 @@ def data_reduction_figure(table: Table, path: Path) -> bool:
             ax, xs, ys, errs, label=FULL_DATA + suffix, alpha=extra.get("alpha", 1.0), **full_style
         )
         plotted = plotted or bool(xs)
+    for i, row in enumerate(floors):
+        floor = table.cell(row, schema.FID).mean
+        if floor is not None:
+            fid_ax.axhline(
+                floor,
+                color="grey",
+                linestyle=("dotted", "dashdot")[i % 2],
+                label=f"floor: {row.labels[1]}",
+            )
     if not plotted:
         return False
     _finish(

@@ -27,7 +27,7 @@ import math
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from orchestrator import schema
@@ -39,6 +39,7 @@ from orchestrator.trials import Trial
 FINISHED = "FINISHED"
 FAILED = "failed"
 MISSING = "missing"
+NOT_APPLICABLE = "–"
 OK = "ok"
 FULL_DATA = "full data"
 CONDITIONAL_STUDY = "conditional"
@@ -119,11 +120,13 @@ class TrialRecord:
 
 @dataclass(frozen=True)
 class Column:
-    """A metric column: MLflow key, header, format spec of its numbers."""
+    """A metric column: MLflow key, header, format spec of its numbers, and what a cell says
+    when finished runs have no finite value (`absent`; default MISSING)."""
 
     key: str
     title: str
     fmt: str
+    absent: str = ""
 
 
 @dataclass(frozen=True)
@@ -134,13 +137,17 @@ class Cell:
         mean: mean over the seeds that have a value (None: none has).
         std: sample standard deviation over them (None: fewer than two).
         n: seeds that have a value.
-        status: OK, FAILED (no run of the row finished) or MISSING (finished, no value).
+        status: OK, FAILED (no run of the row finished), MISSING (finished, no value; or the
+            column's `absent` text) or NOT_APPLICABLE (a floor row's non-FID cells).
     """
 
     mean: float | None
     std: float | None
     n: int
     status: str
+
+
+NOT_APPLICABLE_CELL = Cell(None, None, 0, NOT_APPLICABLE)
 
 
 @dataclass(frozen=True)
@@ -268,7 +275,7 @@ def aggregate(
             std = statistics.stdev(per_seed) if len(per_seed) > 1 else None
             cells.append(Cell(statistics.fmean(per_seed), std, len(per_seed), OK))
         else:
-            cells.append(Cell(None, None, 0, MISSING if done else FAILED))
+            cells.append(Cell(None, None, 0, (column.absent or MISSING) if done else FAILED))
     return len(by_seed), len(by_seed) - len(done), tuple(cells)
 
 
@@ -320,8 +327,34 @@ CELL_NOTE = (
 )
 
 
+TO_QUALITY = (
+    Column(schema.STEPS_TO_QUALITY, "steps to 5%", ".0f", absent="not reached"),
+    Column(schema.SECONDS_TO_QUALITY, "seconds to 5%", ".0f", absent="not reached"),
+)
+FLOOR = "floor"
+FLOORS = (
+    (schema.FID_FLOOR_DATA, "train images"),
+    (schema.FID_FLOOR_AUTOENCODER, "autoencoder reconstructions"),
+)
+
+
+def floor_rows(records: Sequence[TrialRecord], columns: Sequence[Column]) -> tuple[Row, ...]:
+    """Table 1's floor rows: the FID of train images and of their reconstructions (the best a
+    model of the data, or of its latents, can do), other cells NOT_APPLICABLE."""
+    rows = []
+    for key, label in FLOORS:
+        seeds, failed, (cell,) = aggregate(records, (Column(key, label, FID.fmt),))
+        if cell.mean is None:
+            continue
+        cells = tuple(cell if c.key == FID.key else NOT_APPLICABLE_CELL for c in columns)
+        rows.append(Row((FLOOR, label), (FLOOR, label), seeds, failed, cells))
+    return tuple(rows)
+
+
 def data_reduction_table(records: Sequence[TrialRecord], width: str | None) -> Table:
-    """Table 1: FID, precision / recall and same-seed similarity per data fraction x criterion."""
+    """Table 1: FID, precision / recall, same-seed similarity and time to quality per data
+    fraction x criterion, then the FID floors."""
+    timed = any(schema.STEPS_TO_QUALITY in r.metrics for r in records)
     columns = (
         FID,
         Column(schema.PRECISION, "precision", ".3f"),
@@ -329,13 +362,24 @@ def data_reduction_table(records: Sequence[TrialRecord], width: str | None) -> T
         SIMILARITY,
         UNRELATED,
         TRAIN_TIME,
+        *(TO_QUALITY if timed else ()),
     )
     caption = (
         f"Data reduction at width {width}: FID against the held-out split, precision / recall, "
         "same-seed cosine similarity to the full-data reference model and the unrelated "
         "(shuffled-pairs) baseline, training time. The full-data row is the reference."
     )
-    return _table(
+    if timed:
+        caption += (
+            " Steps / seconds to 5%: the first EMA snapshot whose FID is within 5% of the "
+            "full-data model's final FID (not reached: none is)."
+        )
+    if any(schema.FID_FLOOR_DATA in r.metrics for r in records):
+        caption += (
+            " Floors: the FID of as many train images as a model's samples, and of their "
+            "autoencoder reconstructions, against the same held-out statistics."
+        )
+    table = _table(
         "table1_data_reduction",
         "Table 1: data reduction",
         caption,
@@ -346,6 +390,7 @@ def data_reduction_table(records: Sequence[TrialRecord], width: str | None) -> T
         _fraction_labels,
         _fraction_sort,
     )
+    return replace(table, rows=(*table.rows, *floor_rows(records, columns)))
 
 
 def capacity_table(records: Sequence[TrialRecord]) -> Table:

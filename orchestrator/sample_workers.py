@@ -67,7 +67,7 @@ def sample_batches(
 ) -> list[BatchResult]:
     """Sample, decode and embed the given (index, seeds) batches of a samples stage."""
     up, inputs = ref.upstream, ref.inputs
-    coarse = graph.load_model(up["model"])
+    coarse = graph.load_model(up["model"], inputs.get("snapshot"))  # fid_curve: a snapshot
     fine = graph.load_model(up["fine"]) if "fine" in up else coarse
     vae = graph.load_autoencoder(up["autoencoder"])
     extractors = {role: graph.load_extractor(up[f"{role}_extractor"]) for role in ROLES}

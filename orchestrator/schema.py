@@ -40,6 +40,17 @@ SAMPLED_T_SPLIT = "t_split_sampled"
 CHOSEN_T_SPLIT = "t_split_chosen"
 # The training loss of the trial's model, a step series (x axis: optimiser steps).
 TRAIN_LOSS = "train_loss"
+# FID floors (embedded data sets): train images themselves and their autoencoder
+# reconstructions against the same reference, on as many images as a model's samples.
+FID_FLOOR_DATA = "fid_floor_data"
+FID_FLOOR_AUTOENCODER = "fid_floor_autoencoder"
+# Time to quality (`sampling.fid_every`): the first EMA snapshot whose FID is within
+# QUALITY_TOLERANCE of the full-data reference model's final FID, its step and training seconds
+# (NaN: never within it); and the FID of each snapshot, a step series.
+STEPS_TO_QUALITY = "steps_to_quality"
+SECONDS_TO_QUALITY = "seconds_to_quality"
+FID_CURVE = "fid_curve"
+QUALITY_TOLERANCE = 0.05
 # Every run logs these ...
 COMMON_METRICS = (
     FID,
@@ -53,8 +64,9 @@ COMMON_METRICS = (
     TRAIN_TIME_S,
     SAMPLE_TIME_S,
 )
-# ... single-model runs these ...
+# ... single-model runs these (floors and time to quality where their stages ran) ...
 SINGLE_MODEL_METRICS = (*COMMON_METRICS, SPEEDUP_VS_REFERENCE, FLOP_SPEEDUP_VS_REFERENCE)
+OPTIONAL_METRICS = (FID_FLOOR_DATA, FID_FLOOR_AUTOENCODER, STEPS_TO_QUALITY, SECONDS_TO_QUALITY)
 # ... coarse-to-fine runs these (t_split_chosen only where its stage ran).
 COARSE_TO_FINE_METRICS = (
     *COMMON_METRICS,
@@ -64,7 +76,11 @@ COARSE_TO_FINE_METRICS = (
     SAMPLED_T_SPLIT,
 )
 # Every name a run's (last-value) metrics may have, in this order.
-METRIC_KEYS = tuple(dict.fromkeys((*SINGLE_MODEL_METRICS, *COARSE_TO_FINE_METRICS, CHOSEN_T_SPLIT)))
+METRIC_KEYS = tuple(
+    dict.fromkeys(
+        (*SINGLE_MODEL_METRICS, *COARSE_TO_FINE_METRICS, CHOSEN_T_SPLIT, *OPTIONAL_METRICS)
+    )
+)
 # The metrics stage's names that are renamed (None: not a metric of the run).
 _STAGE_NAMES: dict[bool, dict[str, str | None]] = {
     False: {

@@ -50,7 +50,7 @@ from orchestrator.datasets import (
     write_latents,
 )
 from orchestrator.sample_workers import sample_stage, stack
-from orchestrator.schema import CHOSEN_T_SPLIT
+from orchestrator.schema import CHOSEN_T_SPLIT, QUALITY_TOLERANCE
 from orchestrator.stage_keys import FULL_SUBSET, HALF_SUBSET, HALVES
 from orchestrator.trainers import FitJob
 
@@ -303,6 +303,75 @@ def build_reference_stats(graph: StageGraph, ref: StageRef, folder: Path) -> Non
     write_json(folder / INFO_FILE, {"n": stats.n, "dim": int(stats.mu.numel())})
 
 
+def fid_reference(graph: StageGraph, stats_ref: StageRef, features: Tensor) -> ReferenceStats:
+    """The FID reference statistics of a reference_stats stage, checked against features
+    (N, D) of the fid extractor.
+
+    Raises:
+        ConfigError: the statistics have another dimension (an .npz of other features).
+    """
+    stats = graph.reference_stats(stats_ref)
+    if stats.mu.numel() != features.shape[1]:
+        raise ConfigError(
+            f"features.fid_stats: the reference has {stats.mu.numel()}-d features, the fid "
+            f"extractor gives {features.shape[1]}-d ones"
+        )
+    return stats
+
+
+def build_floors(graph: StageGraph, ref: StageRef, folder: Path) -> None:
+    """FID of seeded train images and of their reconstructions against the FID reference."""
+    up, inputs, execution = ref.upstream, ref.inputs, graph.execution
+    train = graph.split(up["dataset"], "train").images
+    generator = torch.Generator().manual_seed(inputs["seed"])
+    images = train[torch.randperm(len(train), generator=generator)[: inputs["num_samples"]]]
+    vae, autocast = (
+        graph.load_autoencoder(up["autoencoder"]),
+        up["autoencoder"].inputs.get("autocast", "no"),
+    )
+    latents = encode(vae, images.to(execution.device), execution.encode_batch_size, False, autocast)
+    reconstructions = decode(vae, latents, execution.decode_batch_size, False, autocast)
+    extractor = graph.load_extractor(up["fid_extractor"])
+    features = extractor(images, progress=False)
+    stats = fid_reference(graph, up["reference_stats"], features)
+    info = {
+        "fid_data": fid(features, stats),
+        "fid_autoencoder": fid(extractor(reconstructions, progress=False), stats),
+        "num_images": int(images.shape[0]),
+    }
+    write_json(folder / INFO_FILE, info)
+
+
+def build_fid_curve(graph: StageGraph, ref: StageRef, folder: Path) -> None:
+    """FID of every EMA snapshot of the samples stage's model, on that stage's seeds."""
+    final = ref.upstream["samples"]
+    model, features = final.upstream["model"], graph.load_samples(final)["features_fid"]
+    stats = fid_reference(graph, ref.upstream["reference_stats"], features)
+    last_step = model.inputs["train"]["steps"]
+    points = []
+    for step, seconds in graph.snapshots(model):
+        if step == last_step:
+            continue  # the final weights: their samples stage is the curve's last point
+        at_step = replace(final, inputs={**final.inputs, "snapshot": step})
+        points.append(
+            (step, seconds, fid(stack(sample_stage(graph, at_step))["features_fid"], stats))
+        )
+    train_seconds = float(graph.info(model).get("train_elapsed_s", float("nan")))
+    points.append((last_step, train_seconds, fid(features, stats)))
+    steps, seconds, fids = zip(*points, strict=True)
+    write_json(folder / INFO_FILE, {"steps": steps, "seconds": seconds, "fid": fids})
+
+
+def to_quality(curve: dict[str, Any], target_fid: float) -> tuple[float, float]:
+    """(step, training seconds) of a curve's first point within QUALITY_TOLERANCE of
+    `target_fid`; (NaN, NaN) when none is."""
+    limit = (1 + QUALITY_TOLERANCE) * target_fid
+    for step, seconds, value in zip(curve["steps"], curve["seconds"], curve["fid"], strict=True):
+        if value <= limit:
+            return float(step), float(seconds)
+    return float("nan"), float("nan")
+
+
 def build_t_split_choice(graph: StageGraph, ref: StageRef, folder: Path) -> None:
     up, inputs, device = ref.upstream, ref.inputs, graph.execution.device
     coarse, fine = graph.load_model(up["model"]), graph.load_model(up["fine"])
@@ -366,12 +435,7 @@ def build_metrics(graph: StageGraph, ref: StageRef, folder: Path) -> None:
     model_samples = graph.load_samples(up["model_samples"])
     reference_samples = graph.load_samples(up["reference_samples"])
     heldout = graph.tensors(up["heldout_features"], FEATURES_FILE)["features"]
-    stats = graph.reference_stats(up["reference_stats"])
-    if stats.mu.numel() != samples["features_fid"].shape[1]:
-        raise ConfigError(
-            f"features.fid_stats: the reference has {stats.mu.numel()}-d features, the fid "
-            f"extractor gives {samples['features_fid'].shape[1]}-d ones"
-        )
+    stats = fid_reference(graph, up["reference_stats"], samples["features_fid"])
     precision, recall = precision_recall(heldout, samples["features_fid"])
     result = stability(
         reference_samples["features_stability"], samples["features_stability"], seed=UNRELATED_SEED
@@ -397,6 +461,14 @@ def build_metrics(graph: StageGraph, ref: StageRef, folder: Path) -> None:
     }
     if "t_split_choice" in up:
         metrics[CHOSEN_T_SPLIT] = float(graph.info(up["t_split_choice"])["t_split"])
+    if "floors" in up:
+        floors = graph.info(up["floors"])
+        metrics.update(
+            fid_floor_data=floors["fid_data"], fid_floor_autoencoder=floors["fid_autoencoder"]
+        )
+    if "fid_curve" in up:
+        steps, seconds = to_quality(graph.info(up["fid_curve"]), metrics["fid_reference"])
+        metrics.update(steps_to_quality=steps, seconds_to_quality=seconds)
     write_json(folder / METRICS_FILE, metrics)
 
 
@@ -410,6 +482,8 @@ BUILDERS: dict[str, Builder] = {
     "fm_model": build_fm_model,
     "samples": build_samples,
     "reference_stats": build_reference_stats,
+    "floors": build_floors,
+    "fid_curve": build_fid_curve,
     "t_split_choice": build_t_split_choice,
     "timing": build_timing,
     "metrics": build_metrics,

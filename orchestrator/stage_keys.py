@@ -46,17 +46,22 @@ VERSIONS = {
     "samples": "1",
     "t_split_choice": "1",
     "reference_stats": "1",
+    "floors": "1",
+    "fid_curve": "1",
     "timing": "1",
     "metrics": "1",
 }
 # Stages read from their source rather than stored in the cache.
 SOURCE_STAGES = ("dataset",)
+FOLDER_DATA = "folder"  # the data set read from an image folder as a stream
 FULL_SUBSET = "all"
 HALF_SUBSET = "halves"
 HALVES = ("A", "B")
 DEFAULT_KMEANS, DEFAULT_NORMALISE = KMEANS_KINDS[0], NORMALISATIONS[0]
 # Probe models (for "loss" / "grad" scores) are trained with this seed whatever the trial's.
 PROBE_SEED = 0
+# The train images behind the FID floors are a permutation of the split with this seed.
+FLOOR_SEED = 0
 
 
 def _ref(
@@ -208,9 +213,9 @@ def scores(cfg: SweepConfig, kind: str) -> StageRef:
 
 def reference(cfg: SweepConfig, seed: int) -> StageRef:
     """The full-data reference model (the fine model of coarse-to-fine trials)."""
-    ref = cfg.reference
+    ref, full = cfg.reference, subset(cfg, 1.0, FULL_SUBSET, seed)
     steps = ref.steps or cfg.train.steps
-    return fm_model(cfg, subset(cfg, 1.0, FULL_SUBSET, seed), ref.name, ref.width, steps, seed)
+    return fm_model(cfg, full, ref.name, ref.width, steps, seed, cfg.sampling.fid_every)
 
 
 def _sampling_inputs(cfg: SweepConfig) -> dict[str, Any]:
@@ -278,6 +283,26 @@ def timing(
     return _ref("timing", inputs, {"model": model, "reference": ref_model})
 
 
+def fid_curve(cfg: SweepConfig, model: StageRef) -> StageRef:
+    """FID of a model's EMA snapshots (`sampling.fid_every`) on the seeds of its samples stage;
+    the last point is the final model's own samples."""
+    upstream = {"samples": samples(cfg, model), "reference_stats": reference_stats(cfg)}
+    return _ref("fid_curve", {}, upstream)
+
+
+def floors(cfg: SweepConfig) -> StageRef:
+    """The FID floors: `sampling.num_samples` seeded train images (the data itself) and their
+    autoencoder reconstructions (a perfect latent model) against the FID reference."""
+    inputs = {"num_samples": cfg.sampling.num_samples, "seed": FLOOR_SEED}
+    upstream = {
+        "dataset": dataset(cfg),
+        "autoencoder": autoencoder(cfg),
+        "fid_extractor": extractor(cfg, "fid"),
+        "reference_stats": reference_stats(cfg),
+    }
+    return _ref("floors", inputs, upstream)
+
+
 def reference_stats(cfg: SweepConfig) -> StageRef:
     """Gaussian statistics (mu, sigma) of the FID reference features: the held-out split's,
     or those of the `features.fid_stats` .npz (its path and content hash in the key)."""
@@ -311,7 +336,8 @@ def trial(cfg: SweepConfig, point: Trial) -> TrialRefs:
     """Every stage a trial's metrics depend on."""
     subset_ref = subset(cfg, point.data_fraction, point.criterion, point.seed)
     width = cfg.model.width if point.width is None else point.width
-    model = fm_model(cfg, subset_ref, cfg.model.name, width, cfg.train.steps, point.seed)
+    every = cfg.sampling.fid_every
+    model = fm_model(cfg, subset_ref, cfg.model.name, width, cfg.train.steps, point.seed, every)
     ref_model = reference(cfg, point.seed)
     model_samples, reference_samples = samples(cfg, model), samples(cfg, ref_model)
     trial_samples = (
@@ -329,10 +355,19 @@ def trial(cfg: SweepConfig, point: Trial) -> TrialRefs:
     }
     if point.t_split is not None:
         upstream["t_split_choice"] = t_split_choice(cfg, model, ref_model)
+    if not streams(cfg):
+        upstream["floors"] = floors(cfg)
+    if every is not None and point.t_split is None:
+        upstream["fid_curve"] = fid_curve(cfg, model)
     metrics = _ref("metrics", {"t_split": point.t_split}, upstream)
     return TrialRefs(
         subset_ref, model, ref_model, trial_samples, model_samples, reference_samples, metrics
     )
+
+
+def streams(cfg: SweepConfig) -> bool:
+    """The data set is an image folder read as a stream (not an embedded set held in memory)."""
+    return cfg.data.name == FOLDER_DATA
 
 
 def stages_of(cfg: SweepConfig, point: Trial) -> list[StageRef]:

@@ -49,7 +49,7 @@ from orchestrator.stage_builders import (
     read_info,
     snapshot_folder,
 )
-from orchestrator.stage_keys import SOURCE_STAGES, TrialRefs
+from orchestrator.stage_keys import FOLDER_DATA, SOURCE_STAGES, TrialRefs
 from orchestrator.trainers import RayTrainer, Trainer
 from orchestrator.trials import Trial
 
@@ -188,7 +188,7 @@ class StageGraph:
 
     def streams(self, dataset: StageRef) -> bool:
         """True for data read as a Ray Data stream (image folders) rather than one tensor."""
-        return dataset.inputs["name"] == "folder"
+        return dataset.inputs["name"] == FOLDER_DATA
 
     def image_source(self, dataset: StageRef, split: str) -> ImageSource:
         """One split of a folder dataset stage, listed (not loaded), cut to its limit."""
@@ -242,19 +242,22 @@ class StageGraph:
         extractor.batch_size = self.execution.feature_batch_size
         return extractor.to(self.execution.device)
 
-    def load_model(self, ref: StageRef) -> VelocityModel:
-        """A trained velocity model (EMA weights) of an fm_model stage, on the stage device."""
-        return load_velocity(self.get(ref)).to(self.execution.device)
+    def load_model(self, ref: StageRef, snapshot: int | None = None) -> VelocityModel:
+        """A trained velocity model (EMA weights; at training step `snapshot` when given) of an
+        fm_model stage, on the stage device."""
+        folder = self.get(ref)
+        if snapshot is not None:
+            folder = folder / snapshot_folder(snapshot)
+        return load_velocity(folder).to(self.execution.device)
+
+    def snapshots(self, ref: StageRef) -> list[tuple[int, float]]:
+        """(step, training seconds to it) of every EMA snapshot of an fm_model stage, in order."""
+        kept = read_info(self.get(ref)).get("snapshots", {})
+        return sorted((int(step), float(seconds)) for step, seconds in kept.items())
 
     def load_snapshots(self, ref: StageRef) -> list[tuple[int, float, VelocityModel]]:
         """(step, training seconds, EMA model) of every snapshot of an fm_model stage."""
-        folder = self.get(ref)
-        return [
-            (int(step), float(seconds), load_velocity(folder / snapshot_folder(int(step))))
-            for step, seconds in sorted(
-                read_info(folder).get("snapshots", {}).items(), key=lambda item: int(item[0])
-            )
-        ]
+        return [(step, secs, self.load_model(ref, step)) for step, secs in self.snapshots(ref)]
 
     def sampler(self, inputs: Mapping[str, Any]) -> SamplerSettings:
         """Sampler settings from a stage's inputs (steps, solver, guidance_scale) and `Execution`."""

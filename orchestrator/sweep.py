@@ -56,6 +56,7 @@ from orchestrator.schema import METRIC_KEYS, run_metrics
 from orchestrator.stage_builders import LOSS_HISTORY
 from orchestrator.stages import StageGraph
 from orchestrator.storage import Storage
+from orchestrator.time_budget import TimeBudget, sweep_budget
 from orchestrator.trials import Trial, expand_trials
 
 log = logging.getLogger(__name__)
@@ -138,12 +139,15 @@ def trial_outcome(
     refs = graph.trial(trial)
     keys = {name: ref.key for name, ref in tracking.trial_keys_refs(graph, trial).items()}
     losses = graph.info(refs.model).get(LOSS_HISTORY, [])
+    curve_ref = refs.metrics.upstream.get("fid_curve")
+    curve = graph.info(curve_ref) if curve_ref is not None else {"steps": [], "fid": []}
     return tracking.TrialOutcome(
         trial=trial,
         metrics=metrics,
         grid=graph.load_samples(refs.samples)["grid"],
         reference_grid=graph.load_samples(refs.reference_samples)["grid"],
         losses=[(int(step), float(loss)) for step, loss in losses],
+        fid_curve=list(zip(curve["steps"], curve["fid"], strict=True)),
         keys=keys,
         pipeline=tracking.export_trial(graph, trial, tmp / tracking.PIPELINE_DIR),
     )
@@ -158,6 +162,7 @@ class SweepOutcome:
         metrics: trial name -> its metrics (finished trials only).
         errors: names of trials that raised.
         seconds: wall-clock time of the invocation.
+        time_budget: where that time went (`orchestrator.time_budget`).
         failures: trial name -> its one-line error (the trials of `errors`).
         log_file: where the failed trials' tracebacks were written (None: no failure).
     """
@@ -169,6 +174,7 @@ class SweepOutcome:
     seconds: float
     failures: dict[str, str] = field(default_factory=dict)
     log_file: Path | None = None
+    time_budget: TimeBudget | None = None
 
 
 # Tune's status table: short trial names, the headline metrics, no config column.
@@ -323,7 +329,7 @@ def run_sweep(
     """
     from lfm_core.errors import ConfigError
 
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     trials = expand_trials(cfg)
     storage = Storage(cfg.storage_uri)
     if resume and not can_resume(cfg):
@@ -356,12 +362,16 @@ def run_sweep(
             raised[name] = result.error
         else:
             metrics[name] = {k: v for k, v in (result.metrics or {}).items() if k in METRIC_KEYS}
+    wall = time.perf_counter() - started
+    budget = sweep_budget(cache_for(cfg), started_at, wall)
+    storage.write_json(f"{SWEEPS_DIR}/{cfg.name}/time_budget.json", budget.as_dict())
     return SweepOutcome(
         experiment_id,
         parent_id,
         metrics,
         list(raised),
-        time.perf_counter() - started,
+        wall,
         failures={name: error_line(err) for name, err in raised.items()},
         log_file=write_failures(cfg, raised) if raised else None,
+        time_budget=budget,
     )

@@ -160,6 +160,7 @@ class TrialOutcome:
         reference_grid: (N, C, H, W), the reference model's samples of the same seeds.
         losses: (step, training loss) of the trial's model, in step order (may be empty: a
             model cached before loss histories were kept).
+        fid_curve: (step, FID) of the trial model's EMA snapshots (`sampling.fid_every`).
         keys: tag suffix -> cache key (model, autoencoder, fine).
         pipeline: a diffusers pipeline folder of the trial's model(s), or None.
     """
@@ -169,6 +170,7 @@ class TrialOutcome:
     grid: Tensor
     reference_grid: Tensor
     losses: Sequence[tuple[int, float]] = ()
+    fid_curve: Sequence[tuple[int, float]] = ()
     keys: dict[str, str] = dataclasses.field(default_factory=dict)
     pipeline: Path | None = None
 
@@ -184,6 +186,7 @@ def finish_child(cfg: SweepConfig, run_id: str, outcome: TrialOutcome) -> None:
     metrics = schema.run_metrics(outcome.metrics, outcome.trial.t_split)
     values = [_metric(k, v) for k, v in metrics.items()]
     values += [_metric(schema.TRAIN_LOSS, loss, step) for step, loss in outcome.losses]
+    values += [_metric(schema.FID_CURVE, value, step) for step, value in outcome.fid_curve]
     subset = schema.run_subset_params(outcome.metrics)
     tags = {f"{KEY_TAG}{name}": key for name, key in outcome.keys.items()}
     # log_batch takes at most 1000 metrics per call.

@@ -199,3 +199,59 @@ def test_new_criteria_are_wired_into_the_subset_keys(tmp_path: Path, tiny_dinov2
     indices = skewed.tensors(keys.subset(skewed.cfg, 0.25, "class_skew", 0), "indices.safetensors")
     assert set(labels[indices["indices"]].tolist()) == {1}
     assert indices["indices"].numel() == 225
+
+
+@pytest.mark.timeout(240)
+def test_fid_curve_points_are_the_fids_of_models_trained_that_far(
+    tmp_path: Path, tiny_dinov2: Path
+) -> None:
+    trial = Trial("data_reduction", 1.0, "random", None, None, 0)
+    graph = _graph(tmp_path, tiny_dinov2, "train.steps=6", "sampling.fid_every=3")
+    metrics = graph.metrics(trial)
+    refs = keys.trial(graph.cfg, trial)
+    curve = graph.info(refs.metrics.upstream["fid_curve"])
+    assert curve["steps"] == [3, 6]
+    assert 0 < curve["seconds"][0] < curve["seconds"][1]
+    # The last point is the final model's FID; the first, that of the model trained 3 steps
+    # (the snapshot is its EMA weights bit for bit, and sampling depends on the seeds alone).
+    assert curve["fid"][1] == metrics["fid"]
+    three = _graph(tmp_path, tiny_dinov2, "train.steps=3")
+    assert curve["fid"][0] == three.metrics(trial)["fid"]
+    # The full-data trial is its own reference: it reaches its own final FID by the end.
+    expected = 3.0 if curve["fid"][0] <= 1.05 * metrics["fid_reference"] else 6.0
+    assert metrics["steps_to_quality"] == expected
+    assert metrics["seconds_to_quality"] == curve["seconds"][int(expected) // 3 - 1]
+
+
+def test_to_quality_is_the_first_point_within_five_percent() -> None:
+    from orchestrator.stage_builders import to_quality
+
+    curve = {"steps": [100, 200, 300], "seconds": [1.0, 2.0, 3.0], "fid": [90.0, 52.4, 50.0]}
+    assert to_quality(curve, 50.0) == (200.0, 2.0)  # 52.4 <= 52.5
+    assert to_quality(curve, 49.8) == (300.0, 3.0)  # 52.4 > 52.29, 50.0 <= 52.29
+    steps, seconds = to_quality(curve, 40.0)
+    assert steps != steps and seconds != seconds  # NaN: never within 5%
+
+
+@pytest.mark.timeout(240)
+def test_floors_are_the_fids_of_train_images_and_their_reconstructions(
+    tmp_path: Path, tiny_dinov2: Path
+) -> None:
+    from lfm_core.autoencoder import decode, encode
+    from lfm_core.metrics import fid
+
+    # As many floor images as the train split holds: the floor is the FID of the whole split.
+    graph = _graph(tmp_path, tiny_dinov2, "sampling.num_samples=64")
+    cfg = graph.cfg
+    floors = graph.info(keys.floors(cfg))
+    stats = graph.reference_stats(keys.reference_stats(cfg))
+    train_features = graph.tensors(keys.data_features(cfg, "fid", "train"), "features.safetensors")
+    assert floors["num_images"] == 64
+    assert floors["fid_data"] == pytest.approx(fid(train_features["features"], stats), rel=1e-6)
+    images = graph.split(keys.dataset(cfg), "train").images
+    vae = graph.load_autoencoder(keys.autoencoder(cfg))
+    extractor = graph.load_extractor(keys.extractor(cfg, "fid"))
+    reconstructions = decode(vae, encode(vae, images, progress=False), progress=False)
+    expected = fid(extractor(reconstructions, progress=False), stats)
+    assert floors["fid_autoencoder"] == pytest.approx(expected, rel=1e-6)
+    assert floors["fid_autoencoder"] > floors["fid_data"]

@@ -1,0 +1,106 @@
+"""Where a sweep invocation's wall time went, from the stage cache's build records.
+
+Every stage build leaves a record (stage, key, start, end, seconds); an fm_model stage's info
+also holds the seconds its training loop ran (`train_elapsed_s`), so the rest of its build is
+Ray Train's fixed cost (worker-group start, data load, checkpoint upload, teardown). The part
+of the wall time that no build covers is the sweep's own overhead: Ray and Tune start-up, trial
+scheduling, MLflow logging and waits for another trial's build. Build times add up to the wall
+time only when one trial runs at a time; with several at once they overlap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from orchestrator.cache import StageCache
+
+# Builds whose time is training, sampling or evaluation (stage -> category); the fm_model
+# stage's training loop is training, the rest of its build RAY_TRAIN.
+CATEGORIES = {
+    "autoencoder": "training",
+    "extractor": "training",
+    "fm_model": "training",
+    "samples": "sampling",
+    "fid_curve": "sampling",
+    "timing": "sampling",
+    "t_split_choice": "sampling",
+}
+OTHER_STAGES = "metrics"  # every other stage: features, subsets, scores, statistics, metrics
+RAY_TRAIN = "ray_train_fixed"
+TRAIN_SECONDS = "train_elapsed_s"
+
+
+@dataclass(frozen=True)
+class TimeBudget:
+    """Seconds of one sweep invocation by kind.
+
+    Attributes:
+        wall: the invocation's wall time. training, sampling, metrics: build time of those
+        stages (training: the training loops only). ray_train_fixed: fm_model builds minus
+        their training loops. other: wall minus every build (Ray, Tune, MLflow, waits).
+    """
+
+    wall: float
+    training: float
+    sampling: float
+    metrics: float
+    ray_train_fixed: float
+    other: float
+
+    @property
+    def useful_fraction(self) -> float:
+        """Share of the wall time in training, sampling and metrics."""
+        return (self.training + self.sampling + self.metrics) / self.wall if self.wall else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        """The seconds and the useful fraction, as plain numbers."""
+        return {**asdict(self), "useful_fraction": self.useful_fraction}
+
+    def line(self) -> str:
+        """One line, e.g. "time: 612 s training (72%), 80 s sampling (9%), ..."."""
+        parts = [
+            (self.training, "training"),
+            (self.sampling, "sampling"),
+            (self.metrics, "metrics"),
+            (self.ray_train_fixed, "Ray Train fixed cost"),
+            (self.other, "other (Ray/Tune start, MLflow, waits)"),
+        ]
+        shares = ", ".join(f"{s:.0f} s {name} ({s / self.wall:.0%})" for s, name in parts)
+        return f"time of {self.wall:.0f} s: {shares}; useful {self.useful_fraction:.0%}"
+
+
+def budget_of(
+    records: Iterable[Mapping[str, Any]], train_seconds: Mapping[str, float], wall: float
+) -> TimeBudget:
+    """The budget of these build records; `train_seconds`: fm_model key -> its training loop."""
+    seconds = {"training": 0.0, "sampling": 0.0, OTHER_STAGES: 0.0, RAY_TRAIN: 0.0}
+    for record in records:
+        category = CATEGORIES.get(record["stage"], OTHER_STAGES)
+        if record["stage"] == "fm_model":
+            loop = min(train_seconds.get(record["key"], 0.0), record["seconds"])
+            seconds["training"] += loop
+            seconds[RAY_TRAIN] += record["seconds"] - loop
+        else:
+            seconds[category] += record["seconds"]
+    built = sum(seconds.values())
+    return TimeBudget(
+        wall,
+        seconds["training"],
+        seconds["sampling"],
+        seconds[OTHER_STAGES],
+        seconds[RAY_TRAIN],
+        max(wall - built, 0.0),
+    )
+
+
+def sweep_budget(cache: StageCache, since: float, wall: float) -> TimeBudget:
+    """The budget of the builds that started at or after `since` (a time.time())."""
+    records = [r for r in cache.records() if r["start"] >= since]
+    train_seconds = {
+        r["key"]: float(cache.entry_info(r["stage"], r["key"]).get(TRAIN_SECONDS, 0.0))
+        for r in records
+        if r["stage"] == "fm_model"
+    }
+    return budget_of(records, train_seconds, wall)
