@@ -24,7 +24,7 @@ from orchestrator.trials import expand_trials
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
-PROFILED = [path for path in SWEEPS if "profiles:" in path.read_text()]
+PROFILED = [path for path in SWEEPS if "\n  paper:" in path.read_text()]
 
 
 def _write(tmp_path: Path, text: str) -> Path:
