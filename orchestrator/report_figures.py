@@ -68,6 +68,15 @@ def _finish(figure: Figure, table: Table, path: Path, *panels: tuple[Axes, str, 
     _save(figure, path)
 
 
+def _floor_lines(ax: Axes, table: Table, floors: Sequence[Row]) -> None:
+    """Table 1's FID floors as grey horizontal lines."""
+    for i, row in enumerate(floors):
+        floor = table.cell(row, schema.FID).mean
+        if floor is not None:
+            style = ("dotted", "dashdot")[i % 2]
+            ax.axhline(floor, color="grey", linestyle=style, label=f"floor: {row.labels[1]}")
+
+
 def data_reduction_figure(table: Table, path: Path) -> bool:
     """FID and same-seed similarity against data fraction, one line per criterion.
 
@@ -107,15 +116,7 @@ def data_reduction_figure(table: Table, path: Path) -> bool:
             ax, xs, ys, errs, label=FULL_DATA + suffix, alpha=extra.get("alpha", 1.0), **full_style
         )
         plotted = plotted or bool(xs)
-    for i, row in enumerate(floors):
-        floor = table.cell(row, schema.FID).mean
-        if floor is not None:
-            fid_ax.axhline(
-                floor,
-                color="grey",
-                linestyle=("dotted", "dashdot")[i % 2],
-                label=f"floor: {row.labels[1]}",
-            )
+    _floor_lines(fid_ax, table, floors)
     if not plotted:
         return False
     _finish(

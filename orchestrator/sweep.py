@@ -353,6 +353,16 @@ def run_sweep(
         failed = results.num_errors > 0
     finally:
         tracking.close_parent(cfg, experiment_id, parent_id, failed)
+    wall = time.perf_counter() - started
+    budget = sweep_budget(cache_for(cfg), started_at, wall)
+    storage.write_json(f"{SWEEPS_DIR}/{cfg.name}/time_budget.json", budget.as_dict())
+    return _outcome(cfg, results, (experiment_id, parent_id), budget)
+
+
+def _outcome(
+    cfg: SweepConfig, results: Any, ids: tuple[str, str], budget: TimeBudget
+) -> SweepOutcome:
+    """The sweep's outcome from Tune's results (failed trials' tracebacks into the log file)."""
     metrics: dict[str, dict[str, float]] = {}
     raised: dict[str, BaseException] = {}
     for result in results:
@@ -362,15 +372,11 @@ def run_sweep(
             raised[name] = result.error
         else:
             metrics[name] = {k: v for k, v in (result.metrics or {}).items() if k in METRIC_KEYS}
-    wall = time.perf_counter() - started
-    budget = sweep_budget(cache_for(cfg), started_at, wall)
-    storage.write_json(f"{SWEEPS_DIR}/{cfg.name}/time_budget.json", budget.as_dict())
     return SweepOutcome(
-        experiment_id,
-        parent_id,
+        *ids,
         metrics,
         list(raised),
-        wall,
+        budget.wall,
         failures={name: error_line(err) for name, err in raised.items()},
         log_file=write_failures(cfg, raised) if raised else None,
         time_budget=budget,
