@@ -358,8 +358,10 @@ def build_fid_curve(graph: StageGraph, ref: StageRef, folder: Path) -> None:
         )
     train_seconds = float(graph.info(model).get("train_elapsed_s", float("nan")))
     points.append((last_step, train_seconds, fid(features, stats)))
-    steps, seconds, fids = zip(*points, strict=True)
-    write_json(folder / INFO_FILE, {"steps": steps, "seconds": seconds, "fid": fids})
+    curve = {
+        name: [point[i] for point in points] for i, name in enumerate(("steps", "seconds", "fid"))
+    }
+    write_json(folder / INFO_FILE, curve)
 
 
 def to_quality(curve: dict[str, Any], target_fid: float) -> tuple[float, float]:
