@@ -54,6 +54,47 @@ class CoarseToFine:
         return out
 
 
+def _coarse_steps(times: Tensor, t_split: float) -> int:
+    """How many steps of the time grid `times` (K + 1,) the coarse model takes: those whose
+    start time it owns; the fine model takes over at times[_coarse_steps(times, t_split)]."""
+    return int(uses_coarse(times[:-1], t_split).sum())
+
+
+def seam_time(t_split: float, steps: int = 60, grid: str = "uniform") -> float:
+    """The grid time at which coarse-to-fine sampling hands over to the fine model: the first
+    time of `lfm_core.solvers.time_grid(steps, grid)` at or above t_split (t_split itself when
+    it lies on the grid, e.g. 0.3 on a uniform 20-step grid)."""
+    check_range("t_split", t_split, 0.0, 1.0)
+    times = time_grid(steps, grid)
+    return float(times[_coarse_steps(times, t_split)])
+
+
+@torch.no_grad()
+def seam_states(
+    fine: Callable[..., Tensor],
+    x1: Tensor,
+    t_split: float,
+    *,
+    steps: int = 60,
+    method: str = "euler",
+    grid: str = "uniform",
+    **cond: Tensor,
+) -> Tensor:
+    """The fine model's ODE run backwards from data x1 (B, C, H, W) at t = 1 to the seam.
+
+    x_s = x1 - int_s^1 fine(x_t, t) dt, integrated by `method` over the steps of the sampling
+    grid `time_grid(steps, grid)` that lie above the seam s = `seam_time(t_split, steps, grid)`,
+    in reverse: the steps the fine model takes forward when coarse-to-fine sampling hands over
+    at s. The paper's seam state (its inversion runs Euler from 1 to t_split in
+    (1 - t_split) x 60 steps, its sampling steps per unit time). `cond` (e.g. the data's
+    class_labels) goes to `fine`. Returns x_s, shape of x1, float32 (or x1's dtype if wider).
+    """
+    check_range("t_split", t_split, 0.0, 1.0)
+    times = time_grid(steps, grid)
+    backward = times[_coarse_steps(times, t_split) :].flip(0)
+    return sample(_bind(fine, cond), x1, backward, method)
+
+
 @dataclass(frozen=True)
 class CoarseToFineResult:
     """Samples (B, C, H, W) with the work each model did and the wall-clock time."""
@@ -93,7 +134,7 @@ def sample_coarse_to_fine(
     counted_coarse = NFECounter(_bind(coarse, cond))
     counted_fine = NFECounter(_bind(fine, cond))
     times = time_grid(steps, grid)
-    coarse_steps = int(uses_coarse(times[:-1], t_split).sum())
+    coarse_steps = _coarse_steps(times, t_split)
     started = time.perf_counter()
     x = x_init
     if coarse_steps:

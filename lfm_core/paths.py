@@ -74,31 +74,48 @@ def fm_loss(
     return per_sample_fm_loss(model, x1, x0, t, **cond).mean()
 
 
+# The paper's weight of the seam term (its train_fm.py --seam-weight default).
+PAPER_SEAM_WEIGHT = 0.1
+
+
 class SeamLoss:
     """Fine-tuning loss for the coarse model on [0, t_split) that also matches the fine model.
 
     loss = FM loss of the coarse model at t ~ U[0, t_split)
-           + weight * || coarse(x_s, s) - fine(x_s, s) ||^2 at s = t_split,
-    so the coarse model's velocity joins the fine model's at the seam where sampling switches.
-    Called as loss(model, x1, x0, t, **cond) with t drawn on [0, 1) and rescaled here.
+           + weight * mean || coarse(x_s, s) - fine(x_s, s) ||^2 at s = t_split,
+    where x_s is each training latent x1's seam state: the fine model's ODE run backwards from
+    x1 at t = 1 to s (`lfm_core.coarse_to_fine.seam_states`, cached per sample by the caller),
+    so the coarse model's velocity joins the fine model's where sampling switches (the paper's
+    train_coarse_to_fine_loop). Called as loss(model, x1, x0, t, seam_state=x_s, **cond) with
+    x1, x0, x_s of shape (B, C, H, W) and t (B,) drawn on [0, 1) and rescaled here. The fine
+    model follows the trained model's device and dtype on every call.
     """
 
-    def __init__(self, fine: nn.Module, t_split: float, weight: float = 1.0):
+    def __init__(self, fine: nn.Module, t_split: float, weight: float = PAPER_SEAM_WEIGHT):
         check_range("t_split", t_split, 0.0, 1.0, low_open=True)
+        check_range("seam_weight", weight, 0.0, float("inf"))
         self.fine = fine.eval().requires_grad_(False)
         self.t_split, self.weight = t_split, weight
 
+    def _fine_like(self, model: nn.Module) -> nn.Module:
+        """The fine model on the device and in the dtype of `model`'s parameters."""
+        reference = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+        if reference is not None and isinstance(self.fine, nn.Module):
+            self.fine.to(device=reference.device, dtype=reference.dtype)
+        return self.fine
+
     def __call__(
-        self, model: nn.Module, x1: Tensor, x0: Tensor, t: Tensor, **cond: Tensor
+        self, model: nn.Module, x1: Tensor, x0: Tensor, t: Tensor, *, seam_state: Tensor, **cond
     ) -> Tensor:
         if t.max() >= 1.0:
             raise ConfigError("t: SeamLoss expects t in [0, 1)")
         fm = per_sample_fm_loss(model, x1, x0, t * self.t_split, **cond).mean()
+        fine = self._fine_like(model)
         seam_t = torch.full_like(t, self.t_split)
-        x_seam = interpolate(x0, x1, seam_t)
+        x_seam = seam_state.to(device=x1.device, dtype=x1.dtype)
         with torch.no_grad():
-            target = self.fine(x_seam, seam_t, **cond)
-        seam = (model(x_seam, seam_t, **cond) - target).pow(2).flatten(1).mean(1).mean()
+            target = fine(x_seam, seam_t, **cond)
+        seam = (model(x_seam, seam_t, **cond).float() - target.float()).pow(2).mean()
         return fm + self.weight * seam
 
 

@@ -89,7 +89,8 @@ def sample(
     Args:
         velocity_fn: v(x, t) with x (B, ...) and t (B,), returning (B, ...).
         x_init: the state at time_grid[0], shape (B, ...); noise when starting at t = 0.
-        time_grid: increasing times, shape (K + 1,) for K steps.
+        time_grid: times, shape (K + 1,) for K steps: increasing integrates forward (noise to
+            data), decreasing backward (data to t, as `coarse_to_fine.seam_states` does).
         method: "euler" (1 NFE per step), "midpoint" or "heun" (2 NFE per step).
 
     Returns:

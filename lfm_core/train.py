@@ -29,7 +29,7 @@ from lfm_core.checkpoint import (
 )
 from lfm_core.configs import TrainConfig
 from lfm_core.errors import ConfigError
-from lfm_core.paths import SeamLoss, fm_loss, sample_t
+from lfm_core.paths import PAPER_SEAM_WEIGHT, SeamLoss, fm_loss, sample_t
 from lfm_core.velocity import VelocityModel
 
 ReportFn = Callable[[int, dict[str, float], str | None], None]
@@ -62,11 +62,22 @@ class TensorLatents:
         latents: (N, C, H, W). labels: (N,) or None. flipped: (N, C, H, W) latents of the
             flipped images, or None; when given, each drawn row is the flipped one with
             probability 1/2 (one `torch.rand` per batch from the step's generator).
+        extras: per-row tensors (N, ...) passed to the loss as keyword arguments, the drawn
+            rows only (e.g. SeamLoss's `seam_state`); not flipped, so not with `flipped`.
     """
 
     latents: Tensor
     labels: Tensor | None = None
     flipped: Tensor | None = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.extras and self.flipped is not None:
+            raise ConfigError("data.hflip: per-row loss inputs (seam states) are not flipped")
+
+    def extras_at(self, index: Tensor) -> dict[str, Tensor]:
+        """The extras' rows at `index` (B,)."""
+        return {name: rows[index.to(rows.device)] for name, rows in self.extras.items()}
 
     def __len__(self) -> int:
         return int(self.latents.shape[0])
@@ -211,6 +222,8 @@ def _batch_loss(loop: _Loop, loss_fn: LossFn, step: int) -> Tensor:
         drop = torch.rand(batch, generator=gen).to(device) < loop.cfg.class_dropout
         y = y.to(device)
         cond["class_labels"] = torch.where(drop, torch.full_like(y, loop.model.null_label), y)
+    if isinstance(loop.data, TensorLatents):
+        cond.update({k: v.to(device) for k, v in loop.data.extras_at(idx).items()})
     x0 = torch.randn(x1.shape, generator=gen).to(device)
     t = sample_t(batch, loop.cfg.t_sampling, generator=gen).to(device)
     return loss_fn(loop.wrapped, x1, x0, t, **cond)
@@ -326,21 +339,33 @@ def train_velocity(
     )
 
 
-def seam_finetune(
-    coarse: VelocityModel,
-    fine: nn.Module,
-    latents: Tensor,
-    t_split: float,
-    cfg: TrainConfig,
-    *,
-    weight: float = 1.0,
-    labels: Tensor | None = None,
-    progress: bool = True,
-) -> TrainResult:
-    """Fine-tune `coarse` on [0, t_split) of `latents` (N, C, H, W) with SeamLoss against `fine`."""
+def seam_loss(fine: nn.Module, t_split: float, weight: float, cfg: TrainConfig) -> SeamLoss:
+    """The SeamLoss of a fine-tuning run, after checking that cfg samples t uniformly."""
     if cfg.t_sampling != "uniform":
         raise ConfigError(
             "t_sampling: seam fine-tuning needs 'uniform' (t is rescaled to [0, t_split))"
         )
-    loss = SeamLoss(fine, t_split, weight)
-    return train_velocity(coarse, latents, cfg, labels=labels, loss_fn=loss, progress=progress)
+    return SeamLoss(fine, t_split, weight)
+
+
+def seam_finetune(
+    coarse: VelocityModel,
+    fine: nn.Module,
+    latents: Tensor,
+    states: Tensor,
+    t_split: float,
+    cfg: TrainConfig,
+    *,
+    weight: float = PAPER_SEAM_WEIGHT,
+    labels: Tensor | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Fine-tune `coarse` on [0, t_split) of `latents` (N, C, H, W) with SeamLoss against `fine`.
+
+    `states` (N, C, H, W) are the latents' seam states at t_split
+    (`lfm_core.coarse_to_fine.seam_states` of `fine`); row i goes with latents[i].
+    """
+    loss = seam_loss(fine, t_split, weight, cfg)
+    use_labels = labels if labels is not None and coarse.config.num_classes > 0 else None
+    data = TensorLatents(latents, use_labels, extras={"seam_state": states})
+    return train_velocity(coarse, data, cfg, loss_fn=loss, progress=progress)

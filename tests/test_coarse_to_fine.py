@@ -7,6 +7,8 @@ from lfm_core.coarse_to_fine import (
     CoarseToFine,
     choose_t_split,
     sample_coarse_to_fine,
+    seam_states,
+    seam_time,
     uses_coarse,
 )
 from lfm_core.errors import ConfigError
@@ -135,32 +137,101 @@ def test_choose_t_split_takes_largest_within_budget():
     assert choice.t_split < 0.9
 
 
+def test_seam_state_is_the_euler_run_backwards_of_a_linear_field_in_closed_form():
+    # v(x, t) = a x + b: each backward Euler step of size h maps x to (1 - a h) x - h b, so
+    # after n steps from x1: x_s = (1 - a h)^n (x1 + b / a) - b / a, exactly (up to the
+    # solver's float32 velocity evaluations).
+    a, b, steps, t_split = 0.8, 0.25, 20, 0.3
+    x1 = seeded_noise(range(3), (2, 4, 4), dtype=torch.float64)
+    states = seam_states(lambda x, t: a * x + b, x1, t_split, steps=steps)
+    n, h = 14, 1.0 / steps  # the 14 grid steps above t = 0.3
+    expected = (1 - a * h) ** n * (x1 + b / a) - b / a
+    torch.testing.assert_close(states, expected, rtol=1e-6, atol=1e-6)
+    assert seam_time(t_split, steps) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("method", ["euler", "midpoint", "heun"])
+def test_seam_state_converges_to_the_exact_backward_flow_of_a_linear_field(method):
+    # dx/dt = a x + b from x1 at t = 1 back to s: x_s = e^{-a (1 - s)} (x1 + b / a) - b / a.
+    a, b, t_split = -1.5, 0.5, 0.4
+    x1 = seeded_noise(range(3), (2, 4, 4), dtype=torch.float64)
+    states = seam_states(lambda x, t: a * x + b, x1, t_split, steps=400, method=method)
+    exact = torch.exp(torch.tensor(-a * (1 - t_split))) * (x1 + b / a) - b / a
+    # Euler's global error in x + b / a is first order in h = 1 / 400 (relative 1.7e-3 here),
+    # the others' second order.
+    tolerance = 3e-3 if method == "euler" else 1e-5
+    torch.testing.assert_close(states + b / a, exact + b / a, rtol=tolerance, atol=1e-6)
+
+
+def test_seam_state_runs_back_along_the_fine_models_own_forward_steps():
+    # A constant field is integrated exactly by any method: the backward run from the forward
+    # run's end lands on the forward run's state at the seam.
+    shift = torch.randn(2, 4, 4, dtype=torch.float64)
+    field = lambda x, t: shift.expand_as(x)  # noqa: E731
+    start = seeded_noise(range(2), (2, 4, 4), dtype=torch.float64)
+    at_seam = sample(field, start, uniform_grid(20)[:15])
+    x1 = sample(field, at_seam, uniform_grid(20)[14:])
+    torch.testing.assert_close(seam_states(field, x1, 0.7, steps=20), at_seam)
+
+
+def test_seam_time_is_the_first_grid_time_at_or_above_t_split():
+    assert seam_time(0.33, 20) == pytest.approx(0.35)
+    assert seam_time(0.0, 20) == 0.0
+    assert seam_time(1.0, 20) == 1.0
+
+
 def test_seam_loss_zero_when_coarse_equals_true_field_and_fine():
     x1 = torch.ones(4, 2, 4, 4)
 
     def true_velocity(x, t):
         return (x1 - x) / (1 - t).reshape(-1, 1, 1, 1)
 
-    fine = torch.nn.Identity()
-    loss = SeamLoss(fine, 0.6)
+    loss = SeamLoss(torch.nn.Identity(), 0.6)
     loss.fine = true_velocity
     x0 = torch.randn(4, 2, 4, 4)
-    assert loss(true_velocity, x1, x0, torch.rand(4)).item() == pytest.approx(0.0, abs=1e-10)
+    value = loss(true_velocity, x1, x0, torch.rand(4), seam_state=torch.randn(4, 2, 4, 4))
+    assert value.item() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_seam_loss_default_weight_is_the_papers():
+    assert SeamLoss(torch.nn.Identity(), 0.7).weight == 0.1
+
+
+class _Affine(torch.nn.Module):
+    """v(x, t) = conv(x) + t: a velocity field of any dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 2, 1)
+
+    def forward(self, x, t):
+        return self.conv(x) + t.reshape(-1, 1, 1, 1)
+
+
+def test_seam_loss_moves_the_fine_model_to_the_trained_models_device_and_dtype():
+    coarse, loss = _Affine().double(), SeamLoss(_Affine(), 0.7)
+    x1 = torch.randn(4, 2, 4, 4, dtype=torch.float64)
+    t = torch.rand(4, dtype=torch.float64)
+    loss(coarse, x1, torch.randn_like(x1), t, seam_state=torch.randn(4, 2, 4, 4))
+    assert next(loss.fine.parameters()).dtype == torch.float64
+    if torch.cuda.is_available():
+        coarse, x1, t = coarse.cuda(), x1.cuda(), t.cuda()
+        loss(coarse, x1, torch.randn_like(x1), t, seam_state=x1)
+        assert next(loss.fine.parameters()).device.type == "cuda"
 
 
 def test_seam_finetune_pulls_coarse_towards_fine_at_the_seam():
     coarse, fine = _model(16, 1), _model(32, 2)
     latents = torch.randn(64, 2, 4, 4)
-    x0 = torch.randn(16, 2, 4, 4)
+    states = seam_states(fine, latents, 0.7, steps=10)
     seam_t = torch.full((16,), 0.7)
 
     def gap():
         with torch.no_grad():
-            x = 0.3 * x0 + 0.7 * latents[:16]
-            return (coarse(x, seam_t) - fine(x, seam_t)).pow(2).mean().item()
+            return (coarse(states[:16], seam_t) - fine(states[:16], seam_t)).pow(2).mean().item()
 
     before = gap()
     cfg = TrainConfig(steps=60, batch_size=16, lr=2e-3, warmup_steps=1, ema_decay=0.0)
-    tuned = seam_finetune(coarse, fine, latents, 0.7, cfg, weight=10.0, progress=False).model
-    coarse = tuned
+    tuned = seam_finetune(coarse, fine, latents, states, 0.7, cfg, weight=10.0, progress=False)
+    coarse = tuned.model
     assert gap() < 0.5 * before
