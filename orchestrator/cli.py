@@ -150,8 +150,23 @@ def _add_point(parser: argparse.ArgumentParser, t_split: bool) -> None:
     parser.add_argument("--seed", type=int, default=0, help="subset and training seed (default 0)")
     if t_split:
         parser.add_argument(
-            "--t-split", type=float, default=None, help="coarse-to-fine switch time"
+            "--t-split",
+            type=_t_split_arg,
+            default=None,
+            help="coarse-to-fine switch time, or auto (the chosen one)",
         )
+
+
+def _t_split_arg(text: str) -> float | str:
+    """--t-split: a number, or "auto"."""
+    from orchestrator.config import AUTO_T_SPLIT
+
+    if text == AUTO_T_SPLIT:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed: a number in [0, 1], auto") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,7 +287,8 @@ def print_plan(cfg: SweepConfig, trials: Sequence[Trial]) -> None:
         for ref in stages:
             refs.setdefault(ref.key, ref)
             users[ref.key] = users.get(ref.key, 0) + 1
-        print(f"  {number:3d}. {trial.name}  ({len(stages)} stages)")
+        later = ", and those of the t_split it chooses" if trial.auto else ""
+        print(f"  {number:3d}. {trial.name}  ({len(stages)} stages{later})")
     cached = {key for key, ref in refs.items() if cache.is_complete(ref)}
     print(f"\nstages: {len(refs)} distinct, {len(cached)} cached, under {cfg.storage_uri}/cache")
     for key, ref in refs.items():

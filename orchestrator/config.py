@@ -57,6 +57,8 @@ SQLITE_PREFIX = "sqlite:///"
 GRID_SEARCH = "grid_search"
 LOCAL_PATH_PREFIXES = ("/", ".", "~")
 AXES = ("data_fraction", "criterion", "width", "t_split", "seed")
+# The one string a t_split axis takes: the t_split its t_split_choice stage chooses.
+AUTO_T_SPLIT = "auto"
 C = TypeVar("C")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -256,16 +258,44 @@ class SamplingSection:
 
 
 @dataclass(frozen=True)
+class CoarseToFineSection:
+    """Seam fine-tuning of the coarse models of coarse-to-fine trials.
+
+    With `seam`, every coarse-to-fine trial also fine-tunes its coarse model with
+    `lfm_core.paths.SeamLoss` against the fine model at the trial's t_split (FM loss on
+    [0, t_split) plus `seam_weight` x the velocity gap at the seam states, the fine model's
+    ODE run backwards from each training latent) and reports FID and speedup with it beside
+    those without it.
+
+    Attributes:
+        seam: fine-tune and report the seam rows (off: no extra stages, keys unchanged).
+        seam_weight: the seam term's weight; 0.1 is the paper's (train_fm.py --seam-weight).
+        seam_steps: fine-tuning steps from the trained coarse model (the `train` settings
+            otherwise); None: a quarter of `train.steps`, a short continuation (the paper gives
+            no count), so a seam trial costs at most a quarter more training than one without.
+    """
+
+    seam: bool = False
+    seam_weight: float = 0.1
+    seam_steps: int | None = None
+
+    def steps(self, train_steps: int) -> int:
+        """The fine-tuning steps for models trained `train_steps` steps."""
+        return self.seam_steps or max(1, train_steps // 4)
+
+
+@dataclass(frozen=True)
 class GridSection:
     """One study's grid: every combination of the axes is a trial.
 
-    `width: null` means `model.width`; `t_split: null` means no coarse-to-fine.
+    `width: null` means `model.width`; `t_split: null` means no coarse-to-fine, `auto` the
+    t_split chosen for the trial's model pair (`sampling.t_split_budget`).
     """
 
     data_fraction: list[float] = field(default_factory=lambda: [1.0])
     criterion: list[str] = field(default_factory=lambda: ["random"])
     width: list[int | None] = field(default_factory=lambda: [None])
-    t_split: list[float | None] = field(default_factory=lambda: [None])
+    t_split: list[float | str | None] = field(default_factory=lambda: [None])
     seed: list[int] = field(default_factory=lambda: [0])
 
 
@@ -361,6 +391,7 @@ class SweepConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     scoring: ScoringSection = field(default_factory=ScoringSection)
     sampling: SamplingSection = field(default_factory=SamplingSection)
+    coarse_to_fine: CoarseToFineSection = field(default_factory=CoarseToFineSection)
     search: dict[str, GridSection] = field(default_factory=dict)
     resources: ResourcesSection = field(default_factory=ResourcesSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
@@ -488,6 +519,11 @@ def _axis(value: Any) -> Any:
     return [value]
 
 
+def _number(value: Any) -> Any:
+    """An integer as a float (a union-typed axis does not convert it); anything else as is."""
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 def _normalise_search(layer: DictConfig) -> None:
     """Rewrite every search axis of one config layer (file, profile or overrides) as a list."""
     search = layer.get("search") if isinstance(layer, DictConfig) else None
@@ -500,6 +536,8 @@ def _normalise_search(layer: DictConfig) -> None:
         for axis in [str(name) for name in grid]:
             try:
                 grid[axis] = _axis(grid[axis])
+                if axis == "t_split":  # 0 and 1 as numbers: the axis also takes a string
+                    grid[axis] = [_number(value) for value in grid[axis]]
             except ConfigError as err:
                 raise ConfigError(f"search.{study}.{axis}: {err}") from None
 
@@ -683,6 +721,7 @@ def validate(cfg: SweepConfig) -> None:
     check_range("sampling.guidance_scale", cfg.sampling.guidance_scale, 0.0, math.inf)
     _validate_fidelity_options(cfg)
     _validate_search(cfg)
+    _validate_coarse_to_fine(cfg)
     _validate_resources(cfg)
     if cfg.cache_wait_timeout_s is not None:
         check_range("cache_wait_timeout_s", cfg.cache_wait_timeout_s, 0.0, math.inf, low_open=True)
@@ -722,6 +761,34 @@ def _validate_resources(cfg: SweepConfig) -> None:
         )
 
 
+def _check_t_split(key: str, t_split: float | str | None) -> None:
+    if isinstance(t_split, str) and t_split != AUTO_T_SPLIT:
+        raise ConfigError(
+            f"{key}: {t_split!r} is not allowed; allowed: a number in [0, 1], {AUTO_T_SPLIT}, null"
+        )
+    if isinstance(t_split, float):
+        check_range(key, t_split, 0.0, 1.0)
+
+
+def _validate_coarse_to_fine(cfg: SweepConfig) -> None:
+    """The seam fine-tuning options: a weight >= 0, positive steps, uniform t, embedded data."""
+    section = cfg.coarse_to_fine
+    check_range("coarse_to_fine.seam_weight", section.seam_weight, 0.0, math.inf)
+    _check_positive("coarse_to_fine.seam_steps", section.seam_steps, optional=True)
+    if not section.seam:
+        return
+    if cfg.train.t_sampling != "uniform":
+        raise ConfigError(
+            f"train.t_sampling: {cfg.train.t_sampling!r} with coarse_to_fine.seam=true; allowed: "
+            "uniform (seam fine-tuning rescales t to [0, t_split))"
+        )
+    if cfg.data.name == "folder" or cfg.data.hflip:
+        raise ConfigError(
+            "coarse_to_fine.seam: needs embedded data without data.hflip (seam states are cached "
+            "per training latent, unflipped, in one tensor)"
+        )
+
+
 def _validate_search(cfg: SweepConfig) -> None:
     if not cfg.search:
         raise ConfigError(
@@ -743,8 +810,7 @@ def _validate_search(cfg: SweepConfig) -> None:
         for width in grid.width:
             _check_model(prefix, cfg.model.name, width)
         for t_split in grid.t_split:
-            if t_split is not None:
-                check_range(f"{prefix}.t_split", t_split, 0.0, 1.0)
+            _check_t_split(f"{prefix}.t_split", t_split)
         for seed in grid.seed:
             check_range(f"{prefix}.seed", seed, 0, math.inf)
 

@@ -28,7 +28,15 @@ from lfm_core.velocity import VelocityConfig
 from orchestrator import cluster_fit
 from orchestrator.config import ResourcesSection
 from orchestrator.datasets import ShardedLatents, peak_rss_mb
-from orchestrator.trainers import DataFn, FitResult, Snapshot, seeded_velocity
+from orchestrator.trainers import (
+    DataFn,
+    FitResult,
+    LossFnFactory,
+    Snapshot,
+    StartFn,
+    make_loss,
+    start_model,
+)
 
 CHECKPOINTS_KEPT = 2
 # In every checkpoint: the (step, loss) reports of the run so far (the loss curve MLflow logs).
@@ -87,7 +95,7 @@ def train_worker(config: dict[str, Any]) -> None:
     if isinstance(latents, ShardedLatents):  # each rank reads only its own rows
         latents = latents.for_rank(context.get_world_rank(), context.get_world_size())
     train_cfg: TrainConfig = config["train"]
-    model = seeded_velocity(config["velocity"], train_cfg.seed)
+    model = start_model(config.get("start_fn"), config["velocity"], train_cfg.seed)
     started = time.perf_counter()
     losses: list[list[float]] = []  # (step, loss) so far; each checkpoint carries them
 
@@ -112,6 +120,7 @@ def train_worker(config: dict[str, Any]) -> None:
             out_dir=out_dir,
             resume_from=resume_dir,
             report=report,
+            loss_fn=make_loss(config.get("loss_fn")),
             progress=context.get_world_rank() == 0,
             compile_model=config.get("compile", False),
         )
@@ -127,6 +136,9 @@ def fit_velocity(
     storage_uri: str,
     run_name: str,
     snapshot_every: int | None = None,
+    *,
+    start_fn: StartFn | None = None,
+    loss_fn: LossFnFactory | None = None,
 ) -> FitResult:
     """Train one velocity model with a Ray Train TorchTrainer and return its EMA weights.
 
@@ -139,6 +151,8 @@ def fit_velocity(
         run_name: the run's name; a fit with the same name continues the same run.
         snapshot_every: keep every checkpoint, one each this many steps, and return their EMA
             weights as snapshots (None: keep the last CHECKPOINTS_KEPT, return none).
+        start_fn, loss_fn: the network to start from and the loss, made on each worker
+            (None: `velocity` from train.seed, flow matching); see `trainers.FitJob`.
 
     Raises:
         RuntimeError: the run ended without a checkpoint.
@@ -156,6 +170,8 @@ def fit_velocity(
         "compile": resources.compile,
         "run_name": run_name,
         "storage_uri": storage_uri,
+        "start_fn": start_fn,
+        "loss_fn": loss_fn,
     }
     os.environ[START_TIMEOUT_ENV] = str(resources.placement_timeout_s)
     trainer = _torch_trainer(loop_config, resources, storage_uri, run_name, snapshot_every)

@@ -3,7 +3,7 @@
 With `resources.use_gpu` and `resources.driver_gpus: 0` (the paper profiles), a trial's driver
 runs on a CPU node. The stages that need a GPU and would otherwise run inside the driver
 (latents and data_features of in-memory data, samples with one sampling worker, scores,
-t_split_choice, timing) are built by a Ray task holding one GPU and `cpus_per_worker` CPUs: the
+t_split_choice, timing, seam_state) are built by a Ray task holding one GPU and `cpus_per_worker` CPUs: the
 task makes its own `StageGraph` over the same storage, builds the stage through the cache (whose
 lease makes one builder per key, cluster-wide), and returns; the driver then reads the finished
 entry. Stages that already fan out to GPU actors or tasks (streamed folder data, several
@@ -20,7 +20,15 @@ from orchestrator.config import SweepConfig
 if TYPE_CHECKING:
     from orchestrator.stages import StageGraph
 
-GPU_STAGES = ("latents", "data_features", "samples", "scores", "t_split_choice", "timing")
+GPU_STAGES = (
+    "latents",
+    "data_features",
+    "samples",
+    "scores",
+    "t_split_choice",
+    "timing",
+    "seam_state",
+)
 STREAMED_STAGES = ("latents", "data_features")
 GPUS_PER_TASK = 1
 # True inside a stage task: its own graph builds there rather than sending the stage on again.

@@ -55,7 +55,7 @@ from orchestrator.report_tables import (
     widest_first,
     width_order,
 )
-from orchestrator.schema import CHOSEN_T_SPLIT
+from orchestrator.schema import CHOSEN_T_SPLIT, SAMPLED_T_SPLIT
 from orchestrator.tracking import KIND_TAG, PARENT_TAG
 
 REPORT_FILE = "report.md"
@@ -255,9 +255,17 @@ def grid_candidates(studies: Studies) -> tuple[int | None, dict[str, list[TrialR
         "coarse-to-fine": _candidates(
             studies.coarse_to_fine,
             seed,
-            lambda r: (abs((r.trial.t_split or 0.0) - target), r.trial.t_split, r.name, r.run_id),
+            lambda r: (abs(_sampled_t_split(r) - target), _sampled_t_split(r), r.name, r.run_id),
         ),
     }
+
+
+def _sampled_t_split(record: TrialRecord) -> float:
+    """The t_split a coarse-to-fine record sampled at (an "auto" one's chosen value)."""
+    sampled = record.value(SAMPLED_T_SPLIT)
+    if sampled is not None:
+        return sampled
+    return record.trial.t_split if isinstance(record.trial.t_split, float) else 0.0
 
 
 def _describe(kind: str, record: TrialRecord) -> str:
@@ -265,7 +273,7 @@ def _describe(kind: str, record: TrialRecord) -> str:
         return f"reduced data: {record.trial.data_fraction:g} {record.trial.criterion}, width {record.width}"
     if kind == "small model":
         return f"small model: {record.model}, width {record.width}, full data"
-    return f"coarse-to-fine: {record.model} (width {record.width}) -> {record.reference_model}, t_split {record.trial.t_split:g}"
+    return f"coarse-to-fine: {record.model} (width {record.width}) -> {record.reference_model}, t_split {_sampled_t_split(record):g}"
 
 
 def _download_comparison(client: MlflowClient, record: TrialRecord, folder: Path) -> Path | None:

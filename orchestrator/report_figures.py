@@ -31,11 +31,12 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 def _points(
     table: Table, rows: Sequence[Row], key: str, x_index: int
 ) -> tuple[list[float], list[float], list[float]]:
-    """(x = row.values[x_index], mean, std) of the rows whose cell `key` has a value (std 0: one seed)."""
+    """(x = row.values[x_index], mean, std) of the rows with a numeric x whose cell `key` has a
+    value (std 0: one seed); an "auto" t_split row has no x of its own."""
     xs, means, stds = [], [], []
     for row in rows:
         cell = table.cell(row, key)
-        if cell.mean is not None:
+        if cell.mean is not None and not isinstance(row.values[x_index], str):
             xs.append(float(row.values[x_index]))
             means.append(cell.mean)
             stds.append(cell.std or 0.0)
@@ -155,6 +156,7 @@ def coarse_to_fine_figure(table: Table, path: Path) -> bool:
         color, marker = f"C{i}", MARKERS[i % len(MARKERS)]
         for ax, key, style in (
             (fid_ax, schema.FID, {"label": name}),
+            (fid_ax, schema.FID_SEAM, {"label": f"{name}: with seam", "linestyle": "-."}),
             (speed_ax, schema.SPEEDUP_VS_FINE, {"label": f"{name}: measured"}),
             (
                 speed_ax,

@@ -22,6 +22,7 @@ NaN in every finished run shows "missing", never a number.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 import statistics
@@ -426,8 +427,23 @@ def _coarse_key(record: TrialRecord) -> tuple[Any, ...]:
     )
 
 
+def _t_split_order(t_split: float | str) -> tuple[int, float]:
+    """Explicit t_splits by value, then "auto"."""
+    return (1, 0.0) if isinstance(t_split, str) else (0, t_split)
+
+
+def _auto_label(table: Table, row: Row) -> Row:
+    """An "auto" row's t_split label with its mean chosen value, e.g. "auto (0.30)"."""
+    if not isinstance(row.values[5], str):
+        return row
+    chosen = table.cell(row, CHOSEN_T_SPLIT).mean
+    text = row.values[5] if chosen is None else f"{row.values[5]} ({chosen:.2f})"
+    return dataclasses.replace(row, labels=(*row.labels[:3], text))
+
+
 def coarse_to_fine_table(records: Sequence[TrialRecord]) -> Table:
-    """Table 3: FID, measured and FLOP-bound speedup per t_split and model pair."""
+    """Table 3: FID, measured and FLOP-bound speedup per t_split and model pair, without and
+    (coarse_to_fine.seam) with seam fine-tuning of the coarse model at the same t_split."""
     columns = (
         FID,
         Column(schema.FID_COARSE_ALONE, "FID coarse alone", ".2f"),
@@ -435,13 +451,18 @@ def coarse_to_fine_table(records: Sequence[TrialRecord]) -> Table:
         Column(schema.SPEEDUP_VS_FINE, "speedup", ".2f"),
         Column(schema.FLOP_SPEEDUP_VS_FINE, "FLOP bound", ".2f"),
         Column(CHOSEN_T_SPLIT, "chosen t_split", ".2f"),
+        Column(schema.FID_SEAM, "FID with seam", ".2f"),
+        Column(schema.SPEEDUP_VS_FINE_SEAM, "speedup with seam", ".2f"),
     )
     caption = (
         "Coarse-to-fine sampling: the coarse model integrates t < t_split, the fine model the "
         "rest. FID of the result and of each model alone, measured wall-clock speedup over the "
-        "fine model alone, its FLOP-count bound, and the t_split chosen automatically."
+        "fine model alone, its FLOP-count bound, and the t_split chosen automatically; the "
+        "auto row samples at the chosen t_split (its mean in brackets). With seam: the coarse "
+        "model fine-tuned with the seam loss (weight coarse_to_fine.seam_weight) at the same "
+        "t_split."
     )
-    return _table(
+    table = _table(
         "table3_coarse_to_fine",
         "Table 3: coarse-to-fine",
         caption,
@@ -453,10 +474,18 @@ def coarse_to_fine_table(records: Sequence[TrialRecord]) -> Table:
             f"{key[0]} (width {key[1]})",
             key[3] if key[2] == 1.0 else f"{key[2]:g} {key[3]}",
             key[4],
-            f"{key[5]:g}",
+            key[5] if isinstance(key[5], str) else f"{key[5]:g}",
         ),
-        lambda key: (key[0], width_order(key[1]), -key[2], key[3], key[4], key[5]),
+        lambda key: (
+            key[0],
+            width_order(key[1]),
+            -key[2],
+            key[3],
+            key[4],
+            _t_split_order(key[5]),
+        ),
     )
+    return dataclasses.replace(table, rows=tuple(_auto_label(table, row) for row in table.rows))
 
 
 def conditional_table(records: Sequence[TrialRecord]) -> Table:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
-from orchestrator.trials import Trial
+from orchestrator.config import AUTO_T_SPLIT
+from orchestrator.trials import Trial, t_split_text
 
 T = TypeVar("T")
 
@@ -38,6 +39,12 @@ SAMPLE_TIME_S = "sample_time_s"
 # (lfm_core.coarse_to_fine.choose_t_split), side by side.
 SAMPLED_T_SPLIT = "t_split_sampled"
 CHOSEN_T_SPLIT = "t_split_chosen"
+# Coarse-to-fine trials with coarse_to_fine.seam: the same t_split with the seam-fine-tuned
+# coarse model (FID of its coarse-to-fine samples, measured and FLOP-bound speedup).
+FID_SEAM = "fid_seam"
+SPEEDUP_VS_FINE_SEAM = "speedup_vs_fine_seam"
+FLOP_SPEEDUP_VS_FINE_SEAM = "flop_speedup_vs_fine_seam"
+SEAM_METRICS = (FID_SEAM, SPEEDUP_VS_FINE_SEAM, FLOP_SPEEDUP_VS_FINE_SEAM)
 # The training loss of the trial's model, a step series (x axis: optimiser steps).
 TRAIN_LOSS = "train_loss"
 # FID floors (embedded data sets): train images themselves and their autoencoder
@@ -78,7 +85,13 @@ COARSE_TO_FINE_METRICS = (
 # Every name a run's (last-value) metrics may have, in this order.
 METRIC_KEYS = tuple(
     dict.fromkeys(
-        (*SINGLE_MODEL_METRICS, *COARSE_TO_FINE_METRICS, CHOSEN_T_SPLIT, *OPTIONAL_METRICS)
+        (
+            *SINGLE_MODEL_METRICS,
+            *COARSE_TO_FINE_METRICS,
+            CHOSEN_T_SPLIT,
+            *OPTIONAL_METRICS,
+            *SEAM_METRICS,
+        )
     )
 )
 # The metrics stage's names that are renamed (None: not a metric of the run).
@@ -92,6 +105,8 @@ _STAGE_NAMES: dict[bool, dict[str, str | None]] = {
         "fid_model": FID_COARSE_ALONE,
         "speedup": SPEEDUP_VS_FINE,
         "flop_speedup": FLOP_SPEEDUP_VS_FINE,
+        "speedup_seam": SPEEDUP_VS_FINE_SEAM,
+        "flop_speedup_seam": FLOP_SPEEDUP_VS_FINE_SEAM,
     },
 }
 # Facts of the trial's subset, logged as params (integers, not measurements).
@@ -100,16 +115,19 @@ LABELS_USED = "labels_used"
 SUBSET_PARAMS = (SUBSET_SIZE, LABELS_USED)
 
 
-def run_metrics(stage: Mapping[str, float], t_split: float | None) -> dict[str, float]:
+def run_metrics(stage: Mapping[str, float], t_split: float | str | None) -> dict[str, float]:
     """The metrics stage's values under the run's names (see METRIC_KEYS), for a trial with
-    this t_split (None: a single model). Subset facts are left out (`run_subset_params`)."""
+    this t_split (None: a single model; "auto": sampled at the stage's chosen t_split).
+    Subset facts are left out (`run_subset_params`)."""
     renames = _STAGE_NAMES[t_split is not None]
     metrics: dict[str, float] = {}
     for key, value in stage.items():
         name = renames.get(key, key)
         if name is not None and key not in SUBSET_PARAMS:
             metrics[name] = float(value)
-    if t_split is not None:
+    if t_split == AUTO_T_SPLIT:
+        metrics[SAMPLED_T_SPLIT] = float(stage[CHOSEN_T_SPLIT])
+    elif t_split is not None:
         metrics[SAMPLED_T_SPLIT] = float(t_split)
     return metrics
 
@@ -129,7 +147,7 @@ def run_name(trial: Trial, with_study: bool = False) -> str:
     if trial.width is not None:
         parts.append(f"w{trial.width}")
     if trial.t_split is not None:
-        parts.append(f"t{trial.t_split:g}")
+        parts.append(f"t{t_split_text(trial.t_split)}")
     parts += [f"f{trial.data_fraction:g}", trial.criterion, f"s{trial.seed}"]
     return " ".join(parts)
 
@@ -192,6 +210,12 @@ def _parsed(key: str, text: str, kind: Callable[[str], T]) -> T:
         raise ValueError(f"param {key}: {text!r} is not {what}") from None
 
 
+def _t_split(text: str) -> float | str | None:
+    if text in NO_T_SPLIT:
+        return None
+    return AUTO_T_SPLIT if text == AUTO_T_SPLIT else _parsed(T_SPLIT, text, float)
+
+
 def trial_from_params(params: Mapping[str, str]) -> Trial:
     """The Trial that `trial_params` wrote (other params of the run are ignored).
 
@@ -205,6 +229,6 @@ def trial_from_params(params: Mapping[str, str]) -> Trial:
         data_fraction=_parsed(DATA_FRACTION, _param(params, DATA_FRACTION), float),
         criterion=_param(params, CRITERION),
         width=None if width == BASE_WIDTH else _parsed(WIDTH, width, int),
-        t_split=None if t_split in NO_T_SPLIT else _parsed(T_SPLIT, t_split, float),
+        t_split=_t_split(t_split),
         seed=_parsed(SEED, _param(params, SEED), int),
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,8 +29,8 @@ from lfm_core.autoencoder import (
     reconstruction_psnr,
     train_autoencoder,
 )
-from lfm_core.checkpoint import save_velocity
-from lfm_core.coarse_to_fine import choose_t_split
+from lfm_core.checkpoint import load_velocity, save_velocity
+from lfm_core.coarse_to_fine import choose_t_split, seam_states, seam_time
 from lfm_core.criteria import LABEL_CRITERIA, labels_needed, per_sample_scores, select
 from lfm_core.errors import ConfigError
 from lfm_core.features import build_feature_extractor
@@ -38,7 +38,7 @@ from lfm_core.flops import flop_speedup_bound, forward_flops
 from lfm_core.metrics import ReferenceStats, fid, precision_recall, stability
 from lfm_core.sampling import guided, seed_labels, time_against_reference
 from lfm_core.solvers import seeded_noise
-from lfm_core.train import LatentSource, TensorLatents, TrainConfig
+from lfm_core.train import LatentSource, LossFn, TensorLatents, TrainConfig, seam_loss
 from lfm_core.velocity import VelocityConfig
 from lfm_core.vq_autoencoder import as_autoencoder, load_vq_autoencoder, train_vq_autoencoder
 from orchestrator.cache import StageCache, StageRef
@@ -50,7 +50,7 @@ from orchestrator.datasets import (
     write_latents,
 )
 from orchestrator.sample_workers import sample_stage, stack
-from orchestrator.schema import CHOSEN_T_SPLIT, QUALITY_TOLERANCE
+from orchestrator.schema import CHOSEN_T_SPLIT, FID_SEAM, QUALITY_TOLERANCE
 from orchestrator.stage_keys import FULL_SUBSET, HALF_SUBSET, HALVES
 from orchestrator.trainers import FitJob
 
@@ -64,6 +64,7 @@ LATENTS_FILE = "latents.safetensors"  # latents (N, c, h, w), labels (N,)
 FEATURES_FILE = "features.safetensors"  # features (N, D)
 INDICES_FILE = "indices.safetensors"  # indices (n,)
 SCORES_FILE = "scores.safetensors"  # scores (N,)
+SEAM_FILE = "seam_states.safetensors"  # states (N, c, h, w), at the info's seam_time
 SAMPLES_FILE = "samples.safetensors"  # grid, features_fid, features_stability[, latents, labels]
 STATS_FILE = "stats.npz"  # mu (D,), sigma (D, D), n
 METRICS_FILE = "metrics.json"
@@ -293,6 +294,85 @@ def build_samples(graph: StageGraph, ref: StageRef, folder: Path) -> None:
     write_json(folder / INFO_FILE, info)
 
 
+def build_seam_state(graph: StageGraph, ref: StageRef, folder: Path) -> None:
+    """Seam states (N, c, h, w) of every training latent, a sampling batch at a time (a
+    conditional fine model integrates with each latent's own label, as the paper's)."""
+    inputs, batch = ref.inputs, graph.execution.sample_batch_size
+    fine = graph.load_model(ref.upstream["fine"])
+    tensors = graph.tensors(ref.upstream["latents"], LATENTS_FILE)
+    latents, labels, device = tensors["latents"], tensors["labels"], graph.execution.device
+    grid = inputs.get("grid", "uniform")
+    states = []
+    for start in range(0, latents.shape[0], batch):
+        rows = slice(start, start + batch)
+        cond = {"class_labels": labels[rows].to(device)} if fine.config.num_classes else {}
+        x_s = seam_states(
+            fine,
+            latents[rows].to(device),
+            inputs["t_split"],
+            steps=inputs["steps"],
+            method=inputs["solver"],
+            grid=grid,
+            **cond,
+        )
+        states.append(x_s.float().cpu())
+    save_file({"states": torch.cat(states).contiguous()}, str(folder / SEAM_FILE))
+    time = seam_time(inputs["t_split"], inputs["steps"], grid)
+    write_json(folder / INFO_FILE, {"seam_time": time, "n": int(latents.shape[0])})
+
+
+def load_seam_data(
+    cache: StageCache, latents: StageRef, subset: StageRef, states: StageRef, conditional: bool
+) -> tuple[TensorLatents, None]:
+    """A subset's latents with their seam states as the loss's `seam_state` rows; runs on the
+    training workers."""
+    rows, labels = load_training_data(cache, latents, subset, conditional)
+    if not isinstance(rows, Tensor):
+        raise ConfigError("coarse_to_fine.seam: needs embedded latents without data.hflip")
+    indices = load_file(str(cache.local_dir(subset) / INDICES_FILE))["indices"]
+    seam = load_file(str(cache.local_dir(states) / SEAM_FILE))["states"][indices]
+    return TensorLatents(rows, labels, extras={"seam_state": seam}), None
+
+
+def load_cached_model(cache: StageCache, model: StageRef) -> Any:
+    """The EMA velocity model of an fm_model / seam_model stage, on the CPU; runs on workers."""
+    return load_velocity(cache.local_dir(model))
+
+
+def make_seam_loss(
+    cache: StageCache, fine: StageRef, states: StageRef, weight: float, train: TrainConfig
+) -> LossFn:
+    """The SeamLoss of a seam_model stage (at its seam states' seam time); runs on workers."""
+    time = read_info(cache.local_dir(states))["seam_time"]
+    return seam_loss(load_cached_model(cache, fine), time, weight, train)
+
+
+def build_seam_model(graph: StageGraph, ref: StageRef, folder: Path) -> None:
+    """The coarse model fine-tuned with SeamLoss by the graph's trainer (Ray Train in sweeps)."""
+    up, inputs, cache = ref.upstream, ref.inputs, graph.cache
+    coarse = graph.load_model(up["coarse"])
+    train = TrainConfig(**inputs["train"])
+    conditional = up["coarse"].inputs["conditional"]
+    job = FitJob(
+        functools.partial(
+            load_seam_data, cache, up["latents"], up["subset"], up["seam_state"], conditional
+        ),
+        coarse.config,
+        train,
+        inputs["num_workers"],
+        run_name=f"seam_model-{ref.key[:16]}",
+        start_fn=functools.partial(load_cached_model, cache, up["coarse"]),
+        loss_fn=functools.partial(
+            make_seam_loss, cache, up["fine"], up["seam_state"], inputs["weight"], train
+        ),
+    )
+    result = graph.execution.trainer.fit(job)
+    save_velocity(folder, result.ema, {"train": asdict(train)})
+    info: dict[str, Any] = {"train_" + k: v for k, v in result.metrics.items()}
+    info[LOSS_HISTORY] = [[step, loss] for step, loss in result.losses]
+    write_json(folder / INFO_FILE, info)
+
+
 def build_reference_stats(graph: StageGraph, ref: StageRef, folder: Path) -> None:
     if "npz" in ref.inputs:
         stats = ReferenceStats.load_npz(ref.inputs["npz"])
@@ -471,7 +551,21 @@ def build_metrics(graph: StageGraph, ref: StageRef, folder: Path) -> None:
     if "fid_curve" in up:
         steps, seconds = to_quality(graph.info(up["fid_curve"]), metrics["fid_reference"])
         metrics.update(steps_to_quality=steps, seconds_to_quality=seconds)
+    if "seam_samples" in up:
+        metrics.update(seam_metrics(graph, up, stats))
     write_json(folder / METRICS_FILE, metrics)
+
+
+def seam_metrics(
+    graph: StageGraph, up: Mapping[str, StageRef], stats: ReferenceStats
+) -> dict[str, float]:
+    """FID and speedup of the seam-fine-tuned coarse model's coarse-to-fine samples."""
+    timing = graph.info(up["seam_timing"])
+    return {
+        FID_SEAM: fid(graph.load_samples(up["seam_samples"])["features_fid"], stats),
+        "speedup_seam": timing["reference_s"] / timing["trial_s"],
+        "flop_speedup_seam": timing["flop_speedup"],
+    }
 
 
 BUILDERS: dict[str, Builder] = {
@@ -487,6 +581,8 @@ BUILDERS: dict[str, Builder] = {
     "floors": build_floors,
     "fid_curve": build_fid_curve,
     "t_split_choice": build_t_split_choice,
+    "seam_state": build_seam_state,
+    "seam_model": build_seam_model,
     "timing": build_timing,
     "metrics": build_metrics,
 }

@@ -45,6 +45,8 @@ VERSIONS = {
     "fm_model": "1",
     "samples": "1",
     "t_split_choice": "1",
+    "seam_state": "1",
+    "seam_model": "1",
     "reference_stats": "1",
     "floors": "1",
     "fid_curve": "1",
@@ -303,6 +305,43 @@ def floors(cfg: SweepConfig) -> StageRef:
     return _ref("floors", inputs, upstream)
 
 
+def seam_state(cfg: SweepConfig, fine: StageRef, t_split: float) -> StageRef:
+    """Every training latent's seam state: the fine model's ODE run backwards from it (t = 1)
+    to t_split with the sampling solver and grid (lfm_core.coarse_to_fine.seam_states).
+
+    One per (fine model, latents, t_split, ODE settings): subsets of the same latents share it.
+    """
+    sampling = cfg.sampling
+    inputs = {"t_split": t_split, "steps": sampling.steps, "solver": sampling.solver}
+    if sampling.grid != "uniform":
+        inputs["grid"] = sampling.grid
+    return _ref("seam_state", inputs, {"fine": fine, "latents": latents(cfg)})
+
+
+def seam_model(
+    cfg: SweepConfig, coarse: StageRef, fine: StageRef, subset_ref: StageRef, t_split: float
+) -> StageRef:
+    """The coarse model fine-tuned on its own subset with SeamLoss against `fine` at t_split
+    (`coarse_to_fine.seam_steps` steps of the `train` settings, from the coarse model's EMA
+    weights; its EMA weights)."""
+    section = cfg.coarse_to_fine
+    train = replace(cfg.train, steps=section.steps(cfg.train.steps))
+    inputs = {
+        "t_split": t_split,
+        "weight": section.seam_weight,
+        "train": asdict(train),
+        "num_workers": cfg.resources.num_workers,
+    }
+    upstream = {
+        "coarse": coarse,
+        "fine": fine,
+        "seam_state": seam_state(cfg, fine, t_split),
+        "latents": latents(cfg),
+        "subset": subset_ref,
+    }
+    return _ref("seam_model", inputs, upstream)
+
+
 def reference_stats(cfg: SweepConfig) -> StageRef:
     """Gaussian statistics (mu, sigma) of the FID reference features: the held-out split's,
     or those of the `features.fid_stats` .npz (its path and content hash in the key)."""
@@ -320,7 +359,9 @@ class TrialRefs:
         subset: the training subset. model: the trial's FM model. reference: the reference
         model. samples: the trial's samples (coarse-to-fine when t_split is set).
         model_samples: the trial model's own samples. reference_samples: the reference's.
-        metrics: the trial's metrics.
+        metrics: the trial's metrics. t_split: the t_split sampled at (an "auto" trial's
+        chosen one; None: a single model). seam_model: the seam-fine-tuned coarse model
+        (coarse_to_fine.seam; else None).
     """
 
     subset: StageRef
@@ -330,38 +371,95 @@ class TrialRefs:
     model_samples: StageRef
     reference_samples: StageRef
     metrics: StageRef
+    t_split: float | None = None
+    seam_model: StageRef | None = None
 
 
-def trial(cfg: SweepConfig, point: Trial) -> TrialRefs:
-    """Every stage a trial's metrics depend on."""
+@dataclass(frozen=True)
+class PairRefs:
+    """The stages a trial's t_split depends on: its subset, model, the reference and (for a
+    coarse-to-fine trial) their t_split_choice stage."""
+
+    subset: StageRef
+    model: StageRef
+    reference: StageRef
+    choice: StageRef | None
+
+
+def pair(cfg: SweepConfig, point: Trial) -> PairRefs:
+    """A trial's model, the reference and their t_split choice: what an "auto" trial builds
+    before it knows its t_split."""
     subset_ref = subset(cfg, point.data_fraction, point.criterion, point.seed)
     width = cfg.model.width if point.width is None else point.width
     every = cfg.sampling.fid_every
     model = fm_model(cfg, subset_ref, cfg.model.name, width, cfg.train.steps, point.seed, every)
     ref_model = reference(cfg, point.seed)
+    choice = None if point.t_split is None else t_split_choice(cfg, model, ref_model)
+    return PairRefs(subset_ref, model, ref_model, choice)
+
+
+def _seam_upstream(
+    cfg: SweepConfig, refs: PairRefs, t_split: float
+) -> tuple[StageRef, dict[str, StageRef]]:
+    """The seam model of a coarse-to-fine trial and the metrics' extra inputs it brings."""
+    tuned = seam_model(cfg, refs.model, refs.reference, refs.subset, t_split)
+    return tuned, {
+        "seam_samples": samples(cfg, tuned, refs.reference, t_split),
+        "seam_timing": timing(cfg, tuned, refs.reference, t_split),
+    }
+
+
+def trial(cfg: SweepConfig, point: Trial, chosen: float | None = None) -> TrialRefs:
+    """Every stage a trial's metrics depend on.
+
+    An "auto" trial needs `chosen`, the t_split its t_split_choice stage (`pair(...).choice`)
+    chose: it then has the very stages of an explicit trial at that t_split (samples, timing,
+    metrics), so the two share them.
+
+    Raises:
+        ValueError: an "auto" trial without `chosen`.
+    """
+    refs = pair(cfg, point)
+    t_split = point.t_split
+    if point.auto:
+        if chosen is None:
+            raise ValueError(f"trial {point.name}: t_split auto needs the chosen t_split")
+        t_split = chosen
+    assert not isinstance(t_split, str)
+    model, ref_model = refs.model, refs.reference
     model_samples, reference_samples = samples(cfg, model), samples(cfg, ref_model)
-    trial_samples = (
-        model_samples if point.t_split is None else samples(cfg, model, ref_model, point.t_split)
-    )
+    trial_samples = model_samples if t_split is None else samples(cfg, model, ref_model, t_split)
     upstream = {
-        "subset": subset_ref,
+        "subset": refs.subset,
         "model": model,
         "samples": trial_samples,
         "model_samples": model_samples,
         "reference_samples": reference_samples,
         "heldout_features": data_features(cfg, "fid", "heldout"),
         "reference_stats": reference_stats(cfg),
-        "timing": timing(cfg, model, ref_model, point.t_split),
+        "timing": timing(cfg, model, ref_model, t_split),
     }
-    if point.t_split is not None:
-        upstream["t_split_choice"] = t_split_choice(cfg, model, ref_model)
+    tuned = None
+    if refs.choice is not None:
+        upstream["t_split_choice"] = refs.choice
     if not streams(cfg):
         upstream["floors"] = floors(cfg)
-    if every is not None and point.t_split is None:
+    if cfg.sampling.fid_every is not None and t_split is None:
         upstream["fid_curve"] = fid_curve(cfg, model)
-    metrics = _ref("metrics", {"t_split": point.t_split}, upstream)
+    if t_split is not None and cfg.coarse_to_fine.seam:
+        tuned, extra = _seam_upstream(cfg, refs, t_split)
+        upstream.update(extra)
+    metrics = _ref("metrics", {"t_split": t_split}, upstream)
     return TrialRefs(
-        subset_ref, model, ref_model, trial_samples, model_samples, reference_samples, metrics
+        refs.subset,
+        model,
+        ref_model,
+        trial_samples,
+        model_samples,
+        reference_samples,
+        metrics,
+        t_split,
+        tuned,
     )
 
 
@@ -370,9 +468,18 @@ def streams(cfg: SweepConfig) -> bool:
     return cfg.data.name == FOLDER_DATA
 
 
-def stages_of(cfg: SweepConfig, point: Trial) -> list[StageRef]:
-    """The cached stages a trial needs (source stages excluded), upstream first."""
-    found = trial(cfg, point).metrics.closure()
+def stages_of(cfg: SweepConfig, point: Trial, chosen: float | None = None) -> list[StageRef]:
+    """The cached stages a trial needs (source stages excluded), upstream first.
+
+    An "auto" trial without `chosen` lists the stages up to its t_split_choice (the rest
+    depends on the choice).
+    """
+    if point.auto and chosen is None:
+        choice = pair(cfg, point).choice
+        assert choice is not None
+        found = choice.closure()
+    else:
+        found = trial(cfg, point, chosen).metrics.closure()
     order = list(VERSIONS)
     refs = [ref for ref in found.values() if ref.stage not in SOURCE_STAGES]
     return sorted(refs, key=lambda ref: order.index(ref.stage))

@@ -145,12 +145,22 @@ class StageGraph:
     # ---- the trial's stages --------------------------------------------------------------------
 
     def trial(self, trial: Trial) -> TrialRefs:
-        """Every stage a trial's metrics depend on."""
-        return stage_keys.trial(self.cfg, trial)
+        """Every stage a trial's metrics depend on (an "auto" trial's once its t_split_choice
+        stage, built here when missing, has chosen)."""
+        return stage_keys.trial(self.cfg, trial, self.chosen_t_split(trial))
+
+    def chosen_t_split(self, trial: Trial) -> float | None:
+        """The t_split an "auto" trial samples at: its t_split_choice stage's (built first when
+        missing); None for other trials."""
+        if not trial.auto:
+            return None
+        choice = stage_keys.pair(self.cfg, trial).choice
+        assert choice is not None
+        return float(self.info(choice)["t_split"])
 
     def stages_of(self, trial: Trial) -> list[StageRef]:
         """The cached stages a trial needs (source stages excluded), upstream first."""
-        return stage_keys.stages_of(self.cfg, trial)
+        return stage_keys.stages_of(self.cfg, trial, self.chosen_t_split(trial))
 
     def metrics(self, trial: Trial) -> dict[str, float]:
         """The trial's metrics, building every stage they need that is not cached yet."""

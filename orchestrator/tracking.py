@@ -241,19 +241,19 @@ def export_trial(graph: StageGraph, trial: Trial, directory: Path) -> Path:
     refs = graph.trial(trial)
     vae = graph.load_autoencoder(trial_keys_refs(graph, trial)["autoencoder"])
     model = graph.load_model(refs.model)
-    if trial.t_split is None:
+    if refs.t_split is None:
         export_pipeline(directory, vae, model)
     else:
-        export_coarse_to_fine(
-            directory, vae, model, graph.load_model(refs.reference), trial.t_split
-        )
+        export_coarse_to_fine(directory, vae, model, graph.load_model(refs.reference), refs.t_split)
     return directory
 
 
 def trial_keys_refs(graph: StageGraph, trial: Trial) -> dict[str, Any]:
     """The stage refs a trial's run tags by key: model, autoencoder (and fine, coarse-to-fine)."""
-    refs = graph.trial(trial)
-    found = {"model": refs.model, "autoencoder": refs.samples.upstream["autoencoder"]}
+    from orchestrator import stage_keys
+
+    refs = stage_keys.pair(graph.cfg, trial)  # no t_split needed: "auto" trials choose nothing
+    found = {"model": refs.model, "autoencoder": stage_keys.autoencoder(graph.cfg)}
     if trial.t_split is not None:
         found["fine"] = refs.reference
     return found

@@ -21,13 +21,17 @@ from torch import Tensor
 
 from lfm_core.checkpoint import load_velocity
 from lfm_core.errors import ConfigError
-from lfm_core.train import LatentSource, TrainConfig, train_velocity
+from lfm_core.paths import fm_loss
+from lfm_core.train import LatentSource, LossFn, TrainConfig, train_velocity
 from lfm_core.velocity import VelocityConfig, VelocityModel, build_velocity
 from orchestrator.config import ResourcesSection
 
 # (latents (N, C, H, W) or a LatentSource, labels (N,) or None): called on each worker, so it
 # must be picklable; a source with `for_rank(rank, world)` (ShardedLatents) is cut per rank.
 DataFn = Callable[[], tuple[Tensor | LatentSource, Tensor | None]]
+# The weights a fit starts from, and its loss, made on each worker (picklable, like DataFn).
+StartFn = Callable[[], VelocityModel]
+LossFnFactory = Callable[[], LossFn]
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,9 @@ class FitJob:
         num_workers: data-parallel workers (each draws its own batches: part of the model's key).
         run_name: names the run; a rerun with the same name may resume it.
         snapshot_every: also keep the EMA weights every this many steps (None: none).
+        start_fn: returns the network to start from (a fine-tuning run; None: `velocity`
+            built from train.seed alone).
+        loss_fn: returns the loss, loss(model, x1, x0, t, **cond) (None: flow matching).
     """
 
     data_fn: DataFn
@@ -75,6 +82,8 @@ class FitJob:
     num_workers: int
     run_name: str
     snapshot_every: int | None = None
+    start_fn: StartFn | None = None
+    loss_fn: LossFnFactory | None = None
 
 
 class Trainer(Protocol):
@@ -92,6 +101,16 @@ def seeded_velocity(config: VelocityConfig, seed: int) -> VelocityModel:
         return build_velocity(config)
 
 
+def start_model(start_fn: StartFn | None, config: VelocityConfig, seed: int) -> VelocityModel:
+    """The network a fit trains: `start_fn()`'s, else `config` built from `seed` alone."""
+    return start_fn() if start_fn is not None else seeded_velocity(config, seed)
+
+
+def make_loss(loss_fn: LossFnFactory | None) -> LossFn:
+    """The loss a fit trains with: `loss_fn()`'s, else the flow-matching loss."""
+    return loss_fn() if loss_fn is not None else fm_loss
+
+
 @dataclass(frozen=True)
 class InProcessTrainer:
     """lfm_core's loop in this process: one worker, no Ray, no checkpoints on disk."""
@@ -105,7 +124,7 @@ class InProcessTrainer:
                 f"asks for {job.num_workers}; use the Ray trainer or set resources.num_workers=1"
             )
         latents, labels = job.data_fn()
-        model = seeded_velocity(job.velocity, job.train.seed)
+        model = start_model(job.start_fn, job.velocity, job.train.seed)
         snapshot_every = job.snapshot_every
         train = replace(job.train, checkpoint_every=snapshot_every) if snapshot_every else job.train
         times: dict[int, float] = {}
@@ -123,6 +142,7 @@ class InProcessTrainer:
                 labels=labels,
                 out_dir=out_dir if snapshot_every else None,
                 report=report,
+                loss_fn=make_loss(job.loss_fn),
                 progress=self.progress,
             )
             snapshots = [
@@ -168,4 +188,6 @@ class RayTrainer:
             self.storage_uri,
             job.run_name,
             job.snapshot_every,
+            start_fn=job.start_fn,
+            loss_fn=job.loss_fn,
         )

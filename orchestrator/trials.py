@@ -11,7 +11,7 @@ import itertools
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from orchestrator.config import SweepConfig
+from orchestrator.config import AUTO_T_SPLIT, SweepConfig
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,8 @@ class Trial:
         data_fraction: fraction of the training set kept, in (0, 1].
         criterion: the scoring criterion that picks the subset (irrelevant at fraction 1).
         width: the model's width (None: the sweep's `model.width`).
-        t_split: coarse-to-fine switch time with the reference as the fine model; None: none.
+        t_split: coarse-to-fine switch time with the reference as the fine model; None: none;
+            "auto" (AUTO_T_SPLIT): the one the trial's t_split_choice stage chooses.
         seed: seed of the subset selection and of the model's training.
     """
 
@@ -31,8 +32,13 @@ class Trial:
     data_fraction: float
     criterion: str
     width: int | None
-    t_split: float | None
+    t_split: float | str | None
     seed: int
+
+    @property
+    def auto(self) -> bool:
+        """True when the trial samples at the automatically chosen t_split."""
+        return self.t_split == AUTO_T_SPLIT
 
     @property
     def point(self) -> tuple[Any, ...]:
@@ -43,13 +49,20 @@ class Trial:
     def name(self) -> str:
         """A short readable name, e.g. "data_reduction-f0.5-random-wbase-tnone-s0"."""
         width = "base" if self.width is None else str(self.width)
-        t_split = "none" if self.t_split is None else f"{self.t_split:g}"
+        t_split = t_split_text(self.t_split)
         return f"{self.study}-f{self.data_fraction:g}-{self.criterion}-w{width}-t{t_split}-s{self.seed}"
 
     def to_dict(self) -> dict[str, Any]:
         """The trial as plain values (Tune's param space; `Trial(**d)` rebuilds it). Its MLflow
         params are `orchestrator.schema.trial_params`'s."""
         return asdict(self)
+
+
+def t_split_text(t_split: float | str | None) -> str:
+    """A t_split as trial and run names write it: "0.5", "auto" or "none"."""
+    if t_split is None:
+        return "none"
+    return t_split if isinstance(t_split, str) else f"{t_split:g}"
 
 
 def expand_trials(cfg: SweepConfig) -> list[Trial]:
