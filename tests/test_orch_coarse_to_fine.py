@@ -110,7 +110,9 @@ def test_seam_trial_fine_tunes_on_the_fine_models_backward_ode_states(
     full = Trial("c2f", 1.0, "random", None, 0.5, 0)
     assert keys.trial(cfg, full).seam_model.upstream["seam_state"].key == state_ref.key
     tuned, coarse = graph.load_model(refs.seam_model), graph.load_model(refs.model)
-    assert any(not torch.equal(a, b) for a, b in zip(tuned.parameters(), coarse.parameters()))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(tuned.parameters(), coarse.parameters(), strict=True)
+    )
 
 
 def test_seam_off_keeps_the_metrics_key_and_adds_no_stage(tmp_path: Path) -> None:
