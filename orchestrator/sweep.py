@@ -16,6 +16,11 @@ Trial semantics. A trial (data_fraction, criterion, width, t_split, seed):
   stability metrics are those of the coarse-to-fine samples, `fid_model` is this model alone,
   `speedup` = reference-alone sampling time / coarse-to-fine time (measured side by side on
   one batch, median of `sampling.timing_repeats`), and `flop_speedup` is the FLOP-count bound;
+- t_split "auto": the trial first builds its t_split_choice stage and then samples at the
+  t_split it chose (`t_split_sampled`), with the stages of an explicit trial at that value;
+- with `coarse_to_fine.seam`, a coarse-to-fine trial also fine-tunes its model with the seam
+  loss against the reference at its t_split (on Ray Train) and logs `fid_seam`,
+  `speedup_vs_fine_seam` and `flop_speedup_vs_fine_seam` of that model's coarse-to-fine samples;
 - when t_split is not set: `speedup` = reference time / this model's time, `flop_speedup` =
   reference FLOPs / this model's FLOPs per evaluation;
 - `train_time_s`: the Ray Train workers' training time; `sample_time_s`: the time to sample all
