@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_orch_stages import _built, _graph  # the tiny graph of the stage tests
 
 from lfm_core.coarse_to_fine import seam_states
 from lfm_core.errors import ConfigError
@@ -23,29 +24,10 @@ from orchestrator import stage_keys as keys
 from orchestrator.config import load_sweep
 from orchestrator.report_tables import TrialRecord, coarse_to_fine_table
 from orchestrator.stage_builders import LATENTS_FILE, SEAM_FILE
-from orchestrator.stages import StageGraph
-from orchestrator.sweep import cache_for
-from orchestrator.trainers import InProcessTrainer
 from orchestrator.trials import Trial
 
 TINY = Path(__file__).resolve().parents[1] / "sweeps" / "tiny.yaml"
 BASE = ["tracking.uri=http://127.0.0.1:9", "data.limit=64", "data.heldout_limit=16"]
-SMALL = ["sampling.num_samples=16", "sampling.t_split_calibration=8"]
-
-
-def _graph(storage: Path, extractor: Path, *overrides: str) -> StageGraph:
-    base = [f"storage={storage}", *BASE, *SMALL]
-    for role in ("clustering", "fid", "stability"):
-        base += [f"features.{role}.name=dinov2", f"features.{role}.path={extractor}"]
-    cfg = load_sweep(TINY, [*base, *overrides])
-    return StageGraph(cfg, cache_for(cfg), trainer=InProcessTrainer(), progress=False)
-
-
-def _built(graph: StageGraph) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for record in graph.cache.records():
-        counts[record["stage"]] = counts.get(record["stage"], 0) + 1
-    return counts
 
 
 @pytest.fixture(scope="module")
