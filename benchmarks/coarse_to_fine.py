@@ -203,7 +203,7 @@ def model_refs(embedded: Embedded, cfg: C2FConfig) -> dict[tuple[int, str], Stag
     }
 
 
-def _samplers(t_splits: tuple[float, ...]) -> dict[str, float]:
+def sampler_times(t_splits: tuple[float, ...]) -> dict[str, float]:
     """Sampler name -> t_split: the large model alone (0), coarse-to-fine, the small alone (1)."""
     return {LARGE: 0.0, **{f"c2f@{t:g}": t for t in sorted(t_splits)}, SMALL: 1.0}
 
@@ -215,7 +215,7 @@ class _Sampled:
     nfe: dict[str, tuple[int, int]]
 
 
-def _sample_interleaved(
+def sample_interleaved(
     coarse: VelocityModel,
     fine: VelocityModel,
     samplers: dict[str, float],
@@ -314,7 +314,7 @@ def _top_ops(model: VelocityModel, x: Tensor) -> list[dict[str, Any]]:
     ]
 
 
-def _model_facts(model: VelocityModel, flops: int, x: Tensor, cfg: C2FConfig) -> dict[str, Any]:
+def model_facts(model: VelocityModel, flops: int, x: Tensor, cfg: C2FConfig) -> dict[str, Any]:
     """FLOPs per sample, measured forward time at the round batch, achieved GFLOP/s, top ops."""
     seconds = _forward_seconds(model, x, cfg.profile_repeats)
     return {
@@ -385,14 +385,14 @@ def _pair(
     cfg: C2FConfig,
 ) -> dict[str, Any]:
     """Sample, time, score and profile one (coarse, fine) pair; flops: per sample, per model."""
-    samplers = _samplers(cfg.t_splits)
+    samplers = sampler_times(cfg.t_splits)
     probe = seeded_noise(seeds[: cfg.sampling.batch_size], embedded.latent_shape, device=cfg.device)
     # Sampling and profile in the configured precision; the FIDs below decode in float32.
     with autocast(cfg):
-        sampled = _sample_interleaved(coarse, fine, samplers, seeds, cfg)
+        sampled = sample_interleaved(coarse, fine, samplers, seeds, cfg)
         facts = {
-            "coarse": _model_facts(coarse, flops["coarse"], probe, cfg),
-            "fine": _model_facts(fine, flops["fine"], probe, cfg),
+            "coarse": model_facts(coarse, flops["coarse"], probe, cfg),
+            "fine": model_facts(fine, flops["fine"], probe, cfg),
         }
     forward_s = {k: v["forward_ms"] / MS_PER_S for k, v in facts.items()}
     fid_sets = {
@@ -489,7 +489,7 @@ def run(cfg: C2FConfig) -> dict[str, Any]:
     flops = {key: forward_flops(model, one) for key, (model, _) in trained.items()}
     first = cfg.sampling.first_seed
     seeds = list(range(first, first + cfg.sampling.num_samples))
-    models, compile_s = _prepared(
+    models, compile_s = prepare_models(
         {key: model for key, (model, _) in trained.items()}, seeds, embedded.latent_shape, cfg
     )
     pairs = []
@@ -518,7 +518,7 @@ def run(cfg: C2FConfig) -> dict[str, Any]:
     return record_result(NAME, cfg, clock, body, recommended["goals"])
 
 
-def _prepared(
+def prepare_models(
     models: dict[tuple[int, str], VelocityModel],
     seeds: list[int],
     shape: tuple[int, int, int],
