@@ -10,6 +10,9 @@ the samples of a sampler make its FID (decoded, FID-extractor features, against 
 split's features), per seed set (`sampling.num_samples` / `seed_sets` seeds), so the spread
 between sets shows FID noise. The samples are the timed ones, so they are not a cached stage.
 
+With `compile` (the default) both models go through torch.compile before any timing, so every
+sampler and the profile time the compiled forwards; FLOPs are counted on the eager copies.
+
 The FLOP bound is lfm_core.flops.flop_speedup_bound of forward_flops. The profile
 splits the gap to it in two: the forward-time bound (the same formula with each model's
 measured forward time in place of its FLOPs; below the FLOP bound when the small model runs at
@@ -592,6 +595,11 @@ def markdown(result: dict[str, Any]) -> str:
         f"Recommended: pair {rec['pair']} at t_split {rec['t_split']:g} ({rec['reason']}).",
         "",
     ]
+    if result.get("compile_seconds") is not None:
+        lines += [
+            f"Models compiled (torch.compile) in {result['compile_seconds']:.0f} s, untimed.",
+            "",
+        ]
     return "\n".join(lines)
 
 
