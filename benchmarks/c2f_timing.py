@@ -48,6 +48,7 @@ class TimingConfig:
     Attributes:
         out: results folder.
         coarse, fine: the models (VELOCITY_SIZES names; the paper: dit-s and dit-xl, patch 2).
+        coarse_width, fine_width: widths replacing the sizes' base widths (None: the size's).
         channels, size: the latent shape (channels, size, size); the paper's ImageNet 4x32x32.
         timing: the benchmark's sampling, rounds, device, precision and compile settings
             (benchmarks.coarse_to_fine.C2FConfig; its models and stages are unused).
@@ -56,6 +57,8 @@ class TimingConfig:
     out: str = str(RESULTS_DIR / "gpu")
     coarse: str = "dit-s"
     fine: str = "dit-xl"
+    coarse_width: int | None = None
+    fine_width: int | None = None
     channels: int = 4
     size: int = 32
     timing: C2FConfig = field(
@@ -92,10 +95,11 @@ TINY = TimingConfig(
 )
 
 
-def random_model(name: str, channels: int, size: int) -> VelocityModel:
+def random_model(name: str, channels: int, size: int, width: int | None = None) -> VelocityModel:
     """An unconditional model with every weight and bias drawn from N(0, INIT_STD), seed 0."""
     torch.manual_seed(0)
-    model = build_velocity(VelocityConfig(name=name, in_channels=channels, sample_size=size))
+    config = VelocityConfig(name=name, in_channels=channels, sample_size=size, width=width)
+    model = build_velocity(config)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(0.0, INIT_STD)
@@ -110,7 +114,10 @@ def run(cfg: TimingConfig) -> dict[str, Any]:
         torch.set_float32_matmul_precision("high")
     clock = Clock.start()
     shape = (cfg.channels, cfg.size, cfg.size)
-    models = {role: random_model(getattr(cfg, role), *shape[:2]) for role in ("coarse", "fine")}
+    models = {
+        role: random_model(getattr(cfg, role), *shape[:2], getattr(cfg, f"{role}_width"))
+        for role in ("coarse", "fine")
+    }
     flops = {role: forward_flops(m, seeded_noise([0], shape)) for role, m in models.items()}
     seeds = list(range(timing.sampling.num_samples))
     prepared, compile_s = prepare_models(
