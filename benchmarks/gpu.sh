@@ -7,6 +7,14 @@
 #
 #   benchmarks/gpu.sh [--device cuda|cpu] [--tiny] [--out DIR] [-- extra coarse_to_fine key=value ...]
 #   benchmarks/gpu.sh --paper [--device cuda|cpu] [--tiny] [--out DIR]
+#   benchmarks/gpu.sh --timing [--device cuda|cpu] [--tiny] [--out DIR] [-- extra key=value ...]
+#
+# --timing (issue 17): the coarse-to-fine timing at the paper's shapes, DiT-S/2 -> DiT-XL/2 on
+# 4x32x32 latents with random N(0, 0.02) weights (benchmarks.c2f_timing: the same interleaved
+# rounds, median speedup per round and FLOP bound as benchmarks.coarse_to_fine, no training, no
+# FID), bf16 autocast, torch.compile with CUDA graphs (mode reduce-overhead), 1,024 seeds in
+# rounds of 256, 60 Euler steps, t_split 0.5 / 0.7 / 0.8 / 0.9. Writes DIR/c2f_timing.json. IT
+# HAS NOT RUN ON A GPU: only `--timing --device cpu --tiny` (DiT-XS -> DiT-S, 8x8) has run.
 #
 # --paper: the paper-shaped smoke run instead (issue 12). DiT-S/2 and DiT-XL/2 at the paper's
 # latent shape (4x32x32, random latents), each trained 50 steps in bf16 autocast with TF32 at
@@ -32,6 +40,7 @@ cd "$(dirname "$0")/.."
 device=cuda
 tiny=0
 paper=0
+timing=0
 out=benchmarks/results/gpu
 extra=()
 while [ $# -gt 0 ]; do
@@ -39,6 +48,7 @@ while [ $# -gt 0 ]; do
         --device) device=$2; shift 2 ;;
         --tiny) tiny=1; shift ;;
         --paper) paper=1; shift ;;
+        --timing) timing=1; shift ;;
         --out) out=$2; shift 2 ;;
         --) shift; extra=("$@"); break ;;
         *) echo "gpu.sh: unknown argument $1 (see the header of $0)" >&2; exit 2 ;;
@@ -139,6 +149,14 @@ for name in sizes:
 print(f"results: {out / 'paper_smoke.json'}")
 PYEOF
 fi
+if [ "$timing" = 1 ]; then
+    precision=fp32
+    if [ "$device" = cuda ]; then precision=bf16; fi
+    "$py" -m benchmarks.c2f_timing $([ "$tiny" = 1 ] && echo --tiny) "timing.device=$device" \
+        "timing.precision=$precision" "out=$out" "${extra[@]}"
+    echo "results: $out/c2f_timing.json"
+    exit 0
+fi
 if [ "$tiny" = 1 ]; then
     scale=(--tiny)
 else
@@ -146,7 +164,7 @@ else
         model=dit-s "pairs=[384:768]"
         "stages.overrides=['autoencoder.block_out_channels=[32,64]']"
         train.steps=2000 train.batch_size=256 train.lr=3e-4 train.ema_decay=0.995
-        train.mixed_precision=bf16 snapshot_every=null
+        train.mixed_precision=bf16 snapshot_every=null precision=bf16
         "t_splits=[0.5,0.7,0.8,0.9]" sampling.steps=60
         sampling.num_samples=4000 seed_sets=2 sampling.batch_size=1000
     )

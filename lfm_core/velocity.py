@@ -109,7 +109,16 @@ def _zero(layer: nn.Linear) -> None:
 
 
 def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """x (B, N, D) * (1 + scale) + shift, with shift and scale (B, 1, D): one fused kernel."""
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+def _modulations(ada: nn.Module, c: Tensor, count: int) -> tuple[Tensor, ...]:
+    """adaLN modulations of conditioning c (B, D): `count` tensors (B, 1, D), views of one
+    contiguous (B, count, 1, D) output whose rows are contiguous (not `chunk` views of a
+    (B, count * D) row, each a strided slice that every broadcast op then walks)."""
+    b, d = c.shape
+    return ada(c).view(b, count, 1, d).unbind(1)
 
 
 class DiTBlock(nn.Module):
@@ -132,16 +141,17 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         """x: (B, N, D) tokens, c: (B, D) conditioning."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = _modulations(self.ada, c, 6)
         b, n, d = x.shape
         q, k, v = (
             self.qkv(_modulate(self.norm1(x), shift1, scale1))
-            .reshape(b, n, 3, self.heads, d // self.heads)
+            .view(b, n, 3, self.heads, d // self.heads)
             .permute(2, 0, 3, 1, 4)
         )
         attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
-        x = x + gate1.unsqueeze(1) * self.proj(attn)
-        return x + gate2.unsqueeze(1) * self.mlp(_modulate(self.norm2(x), shift2, scale2))
+        # Gated residuals as one addcmul each: x + gate * f(x) without the product's temporary.
+        x = torch.addcmul(x, gate1, self.proj(attn))
+        return torch.addcmul(x, gate2, self.mlp(_modulate(self.norm2(x), shift2, scale2)))
 
 
 class DiTVelocity(VelocityModel):
@@ -198,7 +208,7 @@ class DiTVelocity(VelocityModel):
             cond = cond + self.label_embed(class_labels)
         for block in self.blocks:
             tokens = block(tokens, cond)
-        shift, scale = self.ada_out(cond).chunk(2, dim=1)
+        shift, scale = _modulations(self.ada_out, cond, 2)
         patches = self.out(_modulate(self.norm_out(tokens), shift, scale))
         p, gh, gw = self.patch, h // self.patch, w // self.patch
         patches = patches.reshape(b, gh, gw, p, p, c).permute(0, 5, 1, 3, 2, 4)

@@ -16,8 +16,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import (
+    c2f_timing,
     coarse_to_fine,
     data_reduction,
     run_all,
@@ -29,7 +31,7 @@ from benchmarks.common import Embedded, Stages, parse_config
 from lfm_core.errors import ConfigError
 from lfm_core.flops import flop_speedup_bound
 from lfm_core.metrics import stability
-from lfm_core.solvers import uniform_grid
+from lfm_core.solvers import seeded_noise, uniform_grid
 from orchestrator import stage_keys
 from orchestrator.config import SamplingSection, load_sweep
 from orchestrator.stages import StageGraph
@@ -87,6 +89,8 @@ def test_parse_config_names_a_bad_key_in_one_line(capsys):
         ({"seed_sets": 3}, "seed_sets"),
         ({"t_splits": (1.0,)}, "t_splits"),
         ({"model": "dit-xxl"}, "model"),
+        ({"precision": "fp8"}, "precision"),
+        ({"precision": "bf16"}, "precision"),
     ],
 )
 def test_c2f_config_rejects_bad_values_in_one_line(change, key):
@@ -428,3 +432,36 @@ def test_gpu_script_smoke_path_runs_on_the_cpu(tiny_run, tmp_path):
     assert result["config"]["device"] == "cpu" and result["machine"]["accelerator"] is None
     assert result["summary"]["c2f_t_split"] in coarse_to_fine.TINY.t_splits
     assert len(_records(configs)) == before  # every model came from the cache
+
+
+def test_timing_script_path_times_random_weights_against_the_flop_bound(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable}
+    command = [str(repo / "benchmarks" / "gpu.sh"), "--timing", "--device", "cpu", "--tiny",
+               "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "c2f_timing.json").read_text())
+    assert result["config"]["coarse"] == c2f_timing.TINY.coarse
+    rows = {row["t_split"]: row for row in result["rows"]}
+    assert set(rows) == {0.0, 0.5, 1.0}
+    assert rows[0.0]["speedup"] == rows[0.0]["flop_bound"] == 1.0
+    for row in rows.values():
+        assert row["speedup"] == statistics.median(row["speedup_rounds"])
+        assert row["bound_ratio"] == pytest.approx(row["speedup"] / row["flop_bound"])
+    assert result["compile_seconds"] is None
+
+
+@pytest.mark.integration
+def test_compiled_models_give_the_eager_velocities():
+    model = c2f_timing.random_model("dit-xs", 4, 8)
+    cfg = dataclasses.replace(
+        coarse_to_fine.TINY, compile=True, sampling=SamplingSection(num_samples=32, batch_size=8)
+    )
+    seeds = list(range(8))
+    models, seconds = coarse_to_fine.prepare_models({(0, "coarse"): model}, seeds, (4, 8, 8), cfg)
+    x = seeded_noise(seeds, (4, 8, 8))
+    t = torch.full((8,), 0.3)
+    with torch.no_grad():
+        assert (models[0, "coarse"](x, t) - model(x, t)).abs().max() < 1e-5
+    assert seconds is not None and seconds > 0
