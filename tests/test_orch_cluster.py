@@ -7,7 +7,8 @@
    From Ray's own records: each worker's node id (`ray.get_runtime_context()`, written by the
    worker next to its Ray Train run) maps, through the State API's node list, to both nodes;
    the two trials' MLflow child runs overlap in time; the bucket holds every stage the trials
-   need; the cache's build records hold each stage once.
+   need; the cache's build records hold each stage once. It is part of `make test`; the two
+   below are integration tests.
 2. A Ray Train worker group that can never be placed (use_gpu on a CPU-only Ray, the fit check
    bypassed) fails after `resources.placement_timeout_s` with one line, instead of retrying
    forever (Ray 2.60's default).
