@@ -23,12 +23,13 @@ demo: $(STAMP)
 	$(BIN)/python -m lfm_core.demo
 
 # One thread per test process: tests start Ray workers and servers beside pytest, and on 2 cores
-# oversubscribed OpenMP threads made small training steps up to 60x slower.
+# oversubscribed OpenMP threads made small training steps up to 60x slower. The fast suite holds
+# one cluster run: the two-node rehearsal (tests/test_orch_cluster.py, issue 12).
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not integration" tests
 
-# The heavy integration tests: Ray Train fits, Tune sweeps, ray job submit, a two-node cluster,
-# S3 sweeps with a killed driver, folder data sets through Ray Data (about 13 minutes on 2 cores).
+# The heavy integration tests: Ray Train fits, Tune sweeps, ray job submit, S3 sweeps with a
+# killed driver, two sweeps racing on one storage, folder data sets through Ray Data.
 test-integration: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m integration tests
 

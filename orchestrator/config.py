@@ -107,6 +107,9 @@ class AutoencoderSection(AutoencoderConfig):
         decode_batch_size: latents per decoder forward pass (PSNR, samples).
         autocast: "no", "bf16" or "fp16": encode and decode under torch.autocast (GPU).
         psnr_images: the held-out PSNR uses the first this many held-out images; None: all.
+        train_images: a trained autoencoder learns from a seeded random subset of this many
+            training images (seed `seed`; a folder reads only those files), so its memory
+            does not grow with the data set; None: the whole training split.
     """
 
     pretrained: str | None = None
@@ -116,6 +119,7 @@ class AutoencoderSection(AutoencoderConfig):
     decode_batch_size: int = 256
     autocast: str = "no"
     psnr_images: int | None = None
+    train_images: int | None = None
 
     def core(self) -> AutoencoderConfig:
         """The lfm_core config (this section without the loading fields)."""
@@ -653,6 +657,7 @@ def _validate_data_scale(cfg: SweepConfig) -> None:
     _check_positive("autoencoder.encode_batch_size", section.encode_batch_size)
     _check_positive("autoencoder.decode_batch_size", section.decode_batch_size)
     _check_positive("autoencoder.psnr_images", section.psnr_images, optional=True)
+    _check_positive("autoencoder.train_images", section.train_images, optional=True)
     check_choice("autoencoder.autocast", section.autocast, AUTOCAST_MODES)
 
 

@@ -167,6 +167,15 @@ def source_of(inputs: dict[str, Any], split: str) -> ImageSource:
     return ImageSource(folder, listing, _mode(root, train_first), inputs["image_size"])
 
 
+def seeded_rows(count: int, size: int, seed: int) -> np.ndarray:
+    """(min(size, count),) sorted int64 row indices of a seeded random subset of `count` rows
+    (all rows, in order, when `size` >= count)."""
+    if size >= count:
+        return np.arange(count)
+    chosen = np.random.default_rng(seed).choice(count, size=size, replace=False)
+    return np.sort(chosen).astype(np.int64)
+
+
 # ---- actor pools -------------------------------------------------------------------------------
 
 
@@ -362,10 +371,11 @@ def iter_shards(folder: Path, names: list[str] | None = None) -> Iterator[dict[s
         yield {name: np.load(shard_path(folder, name, shard)) for name in names or index["names"]}
 
 
-def load_shards(folder: Path) -> dict[str, Tensor]:
-    """Every array of a sharded stage folder, whole: (N, ...) tensors."""
+def load_shards(folder: Path, names: list[str] | None = None) -> dict[str, Tensor]:
+    """Every array (or those of `names`, the others not read) of a sharded stage folder,
+    whole: (N, ...) tensors."""
     parts: dict[str, list[np.ndarray]] = {}
-    for shard in iter_shards(folder):
+    for shard in iter_shards(folder, names):
         for name, array in shard.items():
             parts.setdefault(name, []).append(array)
     return {name: torch.from_numpy(np.concatenate(arrays)) for name, arrays in parts.items()}

@@ -117,7 +117,9 @@ def build_autoencoder(graph: StageGraph, ref: StageRef, folder: Path) -> None:
     elif "pretrained" in inputs:
         vae = load_autoencoder(inputs["pretrained"], inputs["subfolder"])
     else:
-        images, config = graph.split(data, "train").images, AutoencoderConfig(**inputs["config"])
+        config = AutoencoderConfig(**inputs["config"])
+        sample = inputs.get("train_images")
+        images = graph.split(data, "train", sample=sample, seed=config.seed).images
         if vq:
             trained = train_vq_autoencoder(images, config, execution.progress, execution.device)
             vae = as_autoencoder(trained)
@@ -187,7 +189,7 @@ def build_data_features(graph: StageGraph, ref: StageRef, folder: Path) -> None:
 
 
 def build_subset(graph: StageGraph, ref: StageRef, folder: Path) -> None:
-    labels = graph.tensors(ref.upstream["latents"], LATENTS_FILE)["labels"]
+    labels = graph.tensors(ref.upstream["latents"], LATENTS_FILE, ["labels"])["labels"]
     n, inputs = labels.shape[0], ref.inputs
     if inputs["criterion"] == FULL_SUBSET:
         indices = torch.arange(n)

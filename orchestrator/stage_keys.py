@@ -109,6 +109,8 @@ def autoencoder(cfg: SweepConfig) -> StageRef:
     # Only when set, so existing keys stay the same; they change the held-out PSNR.
     if section.psnr_images is not None:
         inputs["psnr_images"] = section.psnr_images
+    if section.train_images is not None and section.pretrained is None:
+        inputs["train_images"] = section.train_images  # the training subset's size
     if section.autocast != "no":
         inputs["autocast"] = section.autocast
     return _ref("autoencoder", inputs, {"dataset": dataset(cfg)})

@@ -12,12 +12,14 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -39,6 +41,7 @@ from orchestrator.datasets import (
     is_sharded,
     iter_shards,
     load_shards,
+    seeded_rows,
     source_of,
 )
 from orchestrator.stage_builders import (
@@ -184,13 +187,19 @@ class StageGraph:
 
     # ---- loaders (each builds its stage first when missing) ------------------------------------
 
-    def tensors(self, ref: StageRef, filename: str) -> dict[str, Tensor]:
+    def tensors(
+        self, ref: StageRef, filename: str, names: list[str] | None = None
+    ) -> dict[str, Tensor]:
         """The tensors of one file of a stage; of a streamed (sharded) stage, every shard's
-        rows concatenated (for consumers that need them all; `shards` streams them)."""
+        rows concatenated (for consumers that need them all; `shards` streams them). With
+        `names`, only those tensors are read (e.g. the (N,) labels without the latents)."""
         folder = self.get(ref)
         if not (folder / filename).exists() and is_sharded(folder):
-            return load_shards(folder)
-        return load_file(str(folder / filename))
+            return load_shards(folder, names)
+        if names is None:
+            return load_file(str(folder / filename))
+        with safe_open(str(folder / filename), framework="pt") as file:
+            return {name: file.get_tensor(name) for name in names}
 
     def shards(self, ref: StageRef, names: list[str] | None = None) -> Iterator[dict[str, Any]]:
         """The arrays of a sharded stage (latents, labels, features), one shard at a time."""
@@ -216,22 +225,40 @@ class StageGraph:
         """The FID reference statistics of a reference_stats stage."""
         return ReferenceStats.load_npz(self.get(ref) / STATS_FILE)
 
-    def split(self, dataset: StageRef, split: str, first: int | None = None) -> ImageDataset:
+    def split(
+        self,
+        dataset: StageRef,
+        split: str,
+        first: int | None = None,
+        sample: int | None = None,
+        seed: int = 0,
+    ) -> ImageDataset:
         """One split ("train" / "heldout") of a dataset stage in memory, cut to its limit (and
-        to its `first` images when given); a folder is read through Ray Data."""
+        to its `first` images when given); a folder is read through Ray Data.
+
+        With `sample`, only a seeded random `sample` of those images (all when there are no
+        more), in the split's order (`seeded_rows`): a folder reads only their files.
+        """
         inputs = dataset.inputs
         limit = inputs["limit"] if split == "train" else inputs["heldout_limit"]
         if first is not None:
             limit = first if limit is None else min(limit, first)
         if self.streams(dataset):
             key = "limit" if split == "train" else "heldout_limit"
-            return collect(source_of({**inputs, key: limit}, split), self.execution.data_pool.cpus)
+            source = source_of({**inputs, key: limit}, split)
+            if sample is not None:
+                rows = seeded_rows(len(source), sample, seed)
+                source = replace(source, listing=source.listing.take(rows))
+            return collect(source, self.execution.data_pool.cpus)
         data = load_dataset(inputs["name"], split, inputs["root"], inputs["image_size"])
-        if limit is None or limit >= len(data):
+        count = len(data) if limit is None else min(limit, len(data))
+        rows = np.arange(count) if sample is None else seeded_rows(count, sample, seed)
+        if len(rows) == len(data):
             return data
-        indices = None if data.indices is None else data.indices[:limit]
+        index = torch.from_numpy(rows)
+        indices = None if data.indices is None else data.indices[index]
         return ImageDataset(
-            data.images[:limit], data.labels[:limit], data.num_classes, data.name, indices
+            data.images[index], data.labels[index], data.num_classes, data.name, indices
         )
 
     def load_autoencoder(self, ref: StageRef) -> AutoencoderKL:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 SERVICE_START_TIMEOUT_S = 90.0
 POLL_S = 0.5
+STOP_TIMEOUT_S = 30.0
 LOCAL_RAY_CPUS = 2
 
 
@@ -51,14 +53,19 @@ def wait_for_http(url: str, process: subprocess.Popen | None = None) -> None:
     raise TimeoutError(f"{url} did not answer within {SERVICE_START_TIMEOUT_S:.0f}s")
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """Stop a service started in its own process group (the server and its workers)."""
-    if process.poll() is None:
-        os.killpg(process.pid, 15)
+def stop_services(*processes: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Stop services started in their own process groups (each server and its workers): all
+    are sent SIGTERM at once, so they shut down side by side; a group still running after
+    `timeout_s` (counted from that signal) gets SIGKILL."""
+    running = [process for process in processes if process.poll() is None]
+    for process in running:
+        os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for process in running:
         try:
-            process.wait(timeout=20)
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
 
@@ -86,13 +93,15 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        # No job runner and Huey consumers (GenAI jobs, unused here): three fewer processes.
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{uri}/health", process)
         yield uri
     finally:
-        _stop(process)
+        stop_services(process)
         log.close()
 
 
@@ -137,6 +146,20 @@ def tiny_storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("tiny-storage")
 
 
+def start_lfm_sweep(
+    sweep_file: Path, args: list[str], env: dict[str, str], log: Path
+) -> subprocess.Popen:
+    """`lfm sweep sweep_file *args` as its own process, in log's folder, output into `log`."""
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [str(VENV_BIN / "lfm"), "sweep", str(sweep_file), *args],
+            env=env,
+            cwd=log.parent,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
 def tiny_overrides(storage: Path, extractor: Path, tracking_uri: str) -> list[str]:
     """Overrides that point sweeps/tiny.yaml at test storage, tracking and the tiny extractor."""
     overrides = [f"storage={storage}", f"tracking.uri={tracking_uri}"]
@@ -172,6 +195,15 @@ def s3_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         yield "s3://lfm"
     finally:
         server.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage_root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A storage root: a local folder, or a prefix of a moto S3 bucket of this test's own
+    (moto keeps its buckets for the whole pytest process)."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return f"{request.getfixturevalue('s3_server')}/{tmp_path.name}"
 
 
 @pytest.fixture

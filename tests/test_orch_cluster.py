@@ -7,7 +7,8 @@
    From Ray's own records: each worker's node id (`ray.get_runtime_context()`, written by the
    worker next to its Ray Train run) maps, through the State API's node list, to both nodes;
    the two trials' MLflow child runs overlap in time; the bucket holds every stage the trials
-   need; the cache's build records hold each stage once.
+   need; the cache's build records hold each stage once. It is part of `make test`; the two
+   below are integration tests.
 2. A Ray Train worker group that can never be placed (use_gpu on a CPU-only Ray, the fit check
    bypassed) fails after `resources.placement_timeout_s` with one line, instead of retrying
    forever (Ray 2.60's default).
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, VENV_BIN, free_port, tiny_overrides, wait_for_http
+from conftest import REPO, VENV_BIN, free_port, stop_services, tiny_overrides, wait_for_http
 from mlflow import MlflowClient
 
 from orchestrator import cluster_fit
@@ -37,14 +37,11 @@ from orchestrator.ray_train import PLACEMENT_DIR, TRAIN_RUNS_DIR
 from orchestrator.storage import Storage
 from orchestrator.sweep import cache_for
 
-pytestmark = pytest.mark.integration
-
 TINY = REPO / "sweeps" / "tiny.yaml"
 NODE_CPUS = 2
 NODES = {"node_a": True, "node_b": False}  # custom resource -> is the head
 JOB_TIMEOUT_S = 480
 NODE_WAIT_S = 60
-STOP_TIMEOUT_S = 30
 REHEARSAL = [
     "name=rehearsal",
     "search.data_reduction.data_fraction=[1.0]",
@@ -83,16 +80,6 @@ def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Pop
         )
 
 
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
 def _alive_nodes(url: str) -> list[dict]:
     from ray.util.state import list_nodes
 
@@ -112,23 +99,23 @@ def two_nodes(tmp_path: Path, s3_server: str) -> Iterator[tuple[str, dict[str, s
     head = base + ["--head", "--port", str(gcs), "--dashboard-port", str(dashboard)]
     head += ["--dashboard-host", "127.0.0.1", "--temp-dir", temp_dir]
     head += ["--ray-client-server-port", str(free_port()), "--resources", '{"node_a": 1}']
+    # A temp dir of its own: a node's runtime-env agent deletes the job's unpacked working
+    # dir (the sweep driver's cwd) from its temp dir once no worker of its own uses it.
+    second = base + ["--address", f"127.0.0.1:{gcs}", "--resources", '{"node_b": 1}']
+    second += ["--temp-dir", node_b_dir]
+    # Both start at once: the second node retries the head's GCS until it answers.
     processes = [_start(head + _node_ports(), env, tmp_path / "head.log")]
+    processes.append(_start(second + _node_ports(), env, tmp_path / "node_b.log"))
     url = f"http://127.0.0.1:{dashboard}"
     try:
         wait_for_http(f"{url}/api/version", processes[0])
-        # A temp dir of its own: a node's runtime-env agent deletes the job's unpacked working
-        # dir (the sweep driver's cwd) from its temp dir once no worker of its own uses it.
-        second = base + ["--address", f"127.0.0.1:{gcs}", "--resources", '{"node_b": 1}']
-        second += ["--temp-dir", node_b_dir]
-        processes.append(_start(second + _node_ports(), env, tmp_path / "node_b.log"))
         deadline = time.monotonic() + NODE_WAIT_S
         while len(_alive_nodes(url)) < len(NODES):
             assert time.monotonic() < deadline, "the second node did not join"
             time.sleep(1)
         yield url, env
     finally:
-        for process in reversed(processes):
-            _stop(process)
+        stop_services(*processes)
         shutil.rmtree(temp_dir, ignore_errors=True)
         shutil.rmtree(node_b_dir, ignore_errors=True)
 
@@ -202,6 +189,7 @@ def test_two_node_rehearsal(
     assert max(builds.values()) == 1, builds
 
 
+@pytest.mark.integration
 def test_gpu_stages_of_a_gpu_free_driver_run_as_gpu_tasks(
     tmp_path: Path, tiny_dinov2: Path
 ) -> None:
@@ -227,6 +215,7 @@ def test_gpu_stages_of_a_gpu_free_driver_run_as_gpu_tasks(
     assert pids["latents"] != os.getpid()  # a GPU stage: built by the GPU task
 
 
+@pytest.mark.integration
 def test_a_worker_group_that_cannot_be_placed_fails_in_one_line(
     ray_local: None, tmp_path: Path
 ) -> None:

@@ -24,7 +24,13 @@ from lfm_core.train import TensorLatents, TrainConfig, train_velocity
 from lfm_core.velocity import VelocityConfig
 from orchestrator import cli, stage_keys
 from orchestrator.config import load_sweep
-from orchestrator.datasets import ShardedLatents, ShardWriter, load_shards, shard_index
+from orchestrator.datasets import (
+    ShardedLatents,
+    ShardWriter,
+    load_shards,
+    seeded_rows,
+    shard_index,
+)
 from orchestrator.stages import StageGraph
 from orchestrator.sweep import cache_for, run_sweep
 from orchestrator.trainers import InProcessTrainer, seeded_velocity
@@ -106,6 +112,21 @@ def test_streamed_latents_equal_the_in_memory_encoding(
     )
 
 
+def test_a_seeded_sample_of_a_folder_reads_those_rows(
+    ray_local: None, folders: dict[str, Path], tiny_dinov2: Path, tmp_path: Path
+) -> None:
+    """What a trained autoencoder learns from with autoencoder.train_images: the seeded rows
+    of the whole split, read from the folder (the listing cut to those files)."""
+    root = str(folders["classes"])
+    cfg = load_sweep(TINY, _overrides(tmp_path, tiny_dinov2, f"sqlite:///{tmp_path}/m.db", root))
+    graph = StageGraph(cfg, cache_for(cfg), trainer=InProcessTrainer(), progress=False)
+    data = stage_keys.dataset(cfg)
+    full, sample = graph.split(data, "train"), graph.split(data, "train", sample=24, seed=7)
+    rows = torch.from_numpy(seeded_rows(len(full.labels), 24, 7))
+    assert torch.equal(sample.images, full.images[rows])
+    assert torch.equal(sample.labels, full.labels[rows]) and sample.num_classes == 10
+
+
 def _train(latents: object, seed: int = 0) -> dict[str, torch.Tensor]:
     velocity = VelocityConfig("unet-xs", in_channels=2, sample_size=4, width=8)
     cfg = TrainConfig(steps=6, batch_size=8, warmup_steps=1, log_every=3, seed=seed)
@@ -133,6 +154,9 @@ def test_sharded_latents_train_the_same_model_as_the_tensor(tmp_path: Path, hfli
     parts = [sharded.for_rank(r, 2).rows.tolist() for r in range(2)]
     assert parts == [[3, 9, 12, 13], [20, 28, 29]]
     assert shard_index(tmp_path)["names"] == sorted(arrays)
+    # A subset's builder reads the labels alone, not the latents beside them.
+    (labels,) = load_shards(tmp_path, ["labels"]).values()
+    assert torch.equal(labels, torch.arange(30))
 
 
 def test_tiny_sweep_over_a_flat_local_folder(
@@ -177,17 +201,34 @@ def ray_seeing_s3(s3_server: str) -> Iterator[str]:
         ray.shutdown()
 
 
-def test_tiny_sweep_over_class_folders_on_s3(
-    ray_seeing_s3: str,
-    mlflow_server: str,
-    folders: dict[str, Path],
-    tiny_dinov2: Path,
-    tmp_path: Path,
+# (layout, location): the flat local folder runs in-process above (with `lfm stats`); local
+# first, while the module's Ray is up (the S3 cases restart Ray after their moto server).
+SWEPT_FOLDERS = [("classes", "local"), ("flat", "s3"), ("classes", "s3")]
+
+
+@pytest.fixture(params=SWEPT_FOLDERS, ids=["-".join(p) for p in SWEPT_FOLDERS])
+def swept_folder(request: pytest.FixtureRequest, folders: dict[str, Path]) -> tuple[str, str]:
+    """(layout, root): the digits of one layout as a local folder or uploaded under an S3
+    prefix, with a local Ray that can read them."""
+    layout, location = request.param
+    if location == "local":
+        request.getfixturevalue("ray_local")
+        return layout, str(folders[layout])
+    bucket = request.getfixturevalue("ray_seeing_s3").removeprefix("s3://")
+    return layout, _upload(folders[layout], bucket, f"digits-{layout}")
+
+
+def test_tiny_sweep_over_a_folder(
+    swept_folder: tuple[str, str], mlflow_server: str, tiny_dinov2: Path, tmp_path: Path
 ) -> None:
-    root = _upload(folders["classes"], ray_seeing_s3.removeprefix("s3://"), "digits")
+    """The tiny sweep end to end (Ray Tune, a Ray Train fit, every stage) over the folder."""
+    layout, root = swept_folder
     cfg = load_sweep(TINY, _overrides(tmp_path, tiny_dinov2, mlflow_server, root))
     outcome = run_sweep(cfg)
     assert outcome.errors == [] and len(outcome.metrics) == 1
+    (metrics,) = outcome.metrics.values()
+    assert all(math.isfinite(metrics[k]) for k in ("fid", "stability_similarity"))
     graph = StageGraph(cfg, cache_for(cfg), trainer=InProcessTrainer(), progress=False)
     info = graph.info(stage_keys.latents(cfg))
-    assert info["num_classes"] == 10 and info["shape"][0] == 180  # 10% of 200 held out
+    assert info["num_classes"] == {"flat": 1, "classes": 10}[layout]
+    assert info["shape"][0] == 180  # 10% of 200 held out

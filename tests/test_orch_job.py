@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -17,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, VENV_BIN, free_port, tiny_overrides, wait_for_http
+from conftest import REPO, VENV_BIN, free_port, stop_services, tiny_overrides, wait_for_http
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.integration
@@ -67,13 +66,7 @@ def ray_head(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
         wait_for_http(f"{url}/api/version", head)
         yield url, env
     finally:
-        if head.poll() is None:
-            os.killpg(head.pid, signal.SIGTERM)
-            try:
-                head.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(head.pid, signal.SIGKILL)
-                head.wait()
+        stop_services(head, timeout_s=STOP_TIMEOUT_S)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 

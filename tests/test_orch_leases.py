@@ -89,27 +89,18 @@ def _wait_for_lease(storage: Storage, proc: subprocess.Popen) -> dict:
     raise AssertionError("the holder never took its lease")
 
 
-@pytest.fixture(params=["local", "s3"])
-def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The storage root: a local folder, or a prefix of a moto S3 bucket of this test's own
-    (moto keeps its buckets for the whole pytest process)."""
-    if request.param == "local":
-        return str(tmp_path / "store")
-    return f"{request.getfixturevalue('s3_server')}/{tmp_path.name}"
-
-
-def test_two_processes_build_once_and_see_the_same_entry(root: str, tmp_path: Path) -> None:
+def test_two_processes_build_once_and_see_the_same_entry(storage_root: str, tmp_path: Path) -> None:
     start_at = time.time() + 1.0
-    procs = [_spawn(root, tmp_path / f"machine{i}", 0.5, start_at) for i in range(2)]
+    procs = [_spawn(storage_root, tmp_path / f"machine{i}", 0.5, start_at) for i in range(2)]
     first, second = (_result(proc) for proc in procs)
     assert first == second and set(first) == {COMPLETE, "out.txt", "sub/more.bin"}
-    (record,) = StageCache(Storage(root), tmp_path / "check").records()
+    (record,) = StageCache(Storage(storage_root), tmp_path / "check").records()
     assert bytes.fromhex(first["out.txt"]).decode() == f"built by {record['pid']}"
 
 
-def test_killed_holder_is_taken_over_after_its_ttl(root: str, tmp_path: Path) -> None:
-    storage = Storage(root)
-    holder = _spawn(root, tmp_path / "holder", build_s=120.0)
+def test_killed_holder_is_taken_over_after_its_ttl(storage_root: str, tmp_path: Path) -> None:
+    storage = Storage(storage_root)
+    holder = _spawn(storage_root, tmp_path / "holder", build_s=120.0)
     taken = _wait_for_lease(storage, holder)
     holder.send_signal(signal.SIGKILL)
     holder.wait()
@@ -127,10 +118,10 @@ def test_killed_holder_is_taken_over_after_its_ttl(root: str, tmp_path: Path) ->
 
 
 def test_waiter_follows_a_live_builder_for_several_ttls(
-    root: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    storage_root: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    storage = Storage(root)
-    builder = _spawn(root, tmp_path / "builder", build_s=3 * TTL_S)
+    storage = Storage(storage_root)
+    builder = _spawn(storage_root, tmp_path / "builder", build_s=3 * TTL_S)
     held = _wait_for_lease(storage, builder)
     cache = StageCache(storage, tmp_path / "waiter", poll_s=POLL_S, lease_ttl_s=TTL_S)
     with caplog.at_level(logging.INFO, logger="orchestrator.locks"):
@@ -200,12 +191,12 @@ def _check_whenever_complete(storage: Storage, ref: StageRef, stop: threading.Ev
     return seen
 
 
-def test_a_reader_never_sees_a_partial_entry(root: str, tmp_path: Path) -> None:
-    storage = Storage(root)
+def test_a_reader_never_sees_a_partial_entry(storage_root: str, tmp_path: Path) -> None:
+    storage = Storage(storage_root)
     ref = StageRef("publish", "1", {"files": 30})
     stop, verdicts = threading.Event(), []
     reader = threading.Thread(
-        target=lambda: verdicts.extend(_check_whenever_complete(Storage(root), ref, stop))
+        target=lambda: verdicts.extend(_check_whenever_complete(Storage(storage_root), ref, stop))
     )
     reader.start()
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import REPO, VENV_BIN, tiny_overrides
+from conftest import REPO, start_lfm_sweep, tiny_overrides
 from mlflow import MlflowClient
 from moto.server import ThreadedMotoServer
 
@@ -114,17 +114,6 @@ def _complete_entries(bucket: str, keys: dict[str, int]) -> dict[str, dict]:
     return entries
 
 
-def _lfm_sweep(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with log.open("w") as out:
-        return subprocess.Popen(
-            [str(VENV_BIN / "lfm"), "sweep", str(TINY), *args],
-            env=env,
-            cwd=log.parent,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-
 def _trial_runs(client: MlflowClient, experiment: str) -> list:
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -166,11 +155,11 @@ def test_sweep_on_s3_survives_a_killed_driver_and_stores_everything_in_the_bucke
         env.pop(key, None)
     client = MlflowClient(mlflow_server)
 
-    first = _lfm_sweep(overrides, env, tmp_path / "first.log")
+    first = start_lfm_sweep(TINY, overrides, env, tmp_path / "first.log")
     before = _kill_when_second_trial_runs(first, client, cfg.experiment, tmp_path / "first.log")
     assert len(before) == 2
 
-    second = _lfm_sweep([*overrides, "--resume"], env, tmp_path / "resume.log")
+    second = start_lfm_sweep(TINY, [*overrides, "--resume"], env, tmp_path / "resume.log")
     try:
         second.wait(timeout=SWEEP_TIMEOUT_S)
     finally:

@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from lfm_core.autoencoder import train_autoencoder
 from lfm_core.coarse_to_fine import T_SPLIT_CANDIDATES
 from orchestrator import stage_keys as keys
 from orchestrator.cache import StageRef
 from orchestrator.config import load_sweep
+from orchestrator.datasets import seeded_rows
 from orchestrator.stages import StageGraph
 from orchestrator.sweep import cache_for
 from orchestrator.trainers import InProcessTrainer
@@ -255,3 +257,29 @@ def test_floors_are_the_fids_of_train_images_and_their_reconstructions(
     expected = fid(extractor(reconstructions, progress=False), stats)
     assert floors["fid_autoencoder"] == pytest.approx(expected, rel=1e-6)
     assert floors["fid_autoencoder"] > floors["fid_data"]
+
+
+@pytest.mark.timeout(240)
+def test_the_autoencoder_learns_from_a_seeded_sample_of_the_training_split(
+    tmp_path: Path, tiny_dinov2: Path
+) -> None:
+    graph = _graph(tmp_path, tiny_dinov2, "autoencoder.train_images=24")
+    cfg, data = graph.cfg, keys.dataset(graph.cfg)
+    full = graph.split(data, "train")
+    sample = graph.split(data, "train", sample=24, seed=cfg.autoencoder.seed)
+    rows = torch.from_numpy(seeded_rows(len(full.labels), 24, cfg.autoencoder.seed))
+    assert rows.unique().numel() == 24 and torch.equal(rows, rows.sort().values)
+    assert torch.equal(sample.images, full.images[rows])
+    assert torch.equal(sample.labels, full.labels[rows])
+    assert torch.equal(graph.split(data, "train", sample=10_000).images, full.images)
+    # The size is in the key (a pretrained autoencoder trains nothing: not in its key).
+    ref, plain = keys.autoencoder(cfg), keys.autoencoder(_graph(tmp_path, tiny_dinov2).cfg)
+    assert ref.inputs["train_images"] == 24 and ref.key != plain.key
+    pretrained = _graph(
+        tmp_path, tiny_dinov2, "autoencoder.train_images=24", "autoencoder.pretrained=x"
+    )
+    assert "train_images" not in keys.autoencoder(pretrained.cfg).inputs
+    # The stage trains on exactly those images.
+    expected = train_autoencoder(full.images[rows], cfg.autoencoder.core(), progress=False)
+    built = graph.load_autoencoder(ref).state_dict()
+    assert all(torch.equal(built[k], v) for k, v in expected.state_dict().items())
