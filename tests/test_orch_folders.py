@@ -201,9 +201,10 @@ def ray_seeing_s3(s3_server: str) -> Iterator[str]:
         ray.shutdown()
 
 
-# (layout, location): the flat local folder runs in-process above (with `lfm stats`); local
-# first, while the module's Ray is up (the S3 cases restart Ray after their moto server).
-SWEPT_FOLDERS = [("classes", "local"), ("flat", "s3"), ("classes", "s3")]
+# (layout, location): each layout from each location through a whole sweep (the flat local
+# folder also runs in-process above, with `lfm stats`); local first, while the module's Ray is
+# up (the S3 cases restart Ray after their moto server).
+SWEPT_FOLDERS = [("flat", "local"), ("classes", "local"), ("flat", "s3"), ("classes", "s3")]
 
 
 @pytest.fixture(params=SWEPT_FOLDERS, ids=["-".join(p) for p in SWEPT_FOLDERS])
