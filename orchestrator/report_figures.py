@@ -164,6 +164,8 @@ def coarse_to_fine_figure(table: Table, path: Path) -> bool:
                 {"label": f"{name}: FLOP bound", "linestyle": "--"},
             ),
         ):
+            if not table.has(key):  # the seam columns exist only with coarse_to_fine.seam
+                continue
             xs, ys, errs = _points(table, rows, key, -1)
             _plot(ax, xs, ys, errs, marker=marker, color=color, **style)
             plotted = plotted or bool(xs)

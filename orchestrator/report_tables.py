@@ -191,6 +191,10 @@ class Table:
     columns: tuple[Column, ...]
     rows: tuple[Row, ...]
 
+    def has(self, key: str) -> bool:
+        """The table has a column of metric `key`."""
+        return any(c.key == key for c in self.columns)
+
     def cell(self, row: Row, key: str) -> Cell:
         """The row's cell of metric `key`."""
         return row.cells[[c.key for c in self.columns].index(key)]
@@ -451,17 +455,22 @@ def coarse_to_fine_table(records: Sequence[TrialRecord]) -> Table:
         Column(schema.SPEEDUP_VS_FINE, "speedup", ".2f"),
         Column(schema.FLOP_SPEEDUP_VS_FINE, "FLOP bound", ".2f"),
         Column(CHOSEN_T_SPLIT, "chosen t_split", ".2f"),
-        Column(schema.FID_SEAM, "FID with seam", ".2f"),
-        Column(schema.SPEEDUP_VS_FINE_SEAM, "speedup with seam", ".2f"),
     )
     caption = (
         "Coarse-to-fine sampling: the coarse model integrates t < t_split, the fine model the "
         "rest. FID of the result and of each model alone, measured wall-clock speedup over the "
         "fine model alone, its FLOP-count bound, and the t_split chosen automatically; the "
-        "auto row samples at the chosen t_split (its mean in brackets). With seam: the coarse "
-        "model fine-tuned with the seam loss (weight coarse_to_fine.seam_weight) at the same "
-        "t_split."
+        "auto row samples at the chosen t_split (its mean in brackets)."
     )
+    if any(schema.FID_SEAM in r.metrics for r in records):  # sweeps with coarse_to_fine.seam
+        columns += (
+            Column(schema.FID_SEAM, "FID with seam", ".2f"),
+            Column(schema.SPEEDUP_VS_FINE_SEAM, "speedup with seam", ".2f"),
+        )
+        caption += (
+            " With seam: the coarse model fine-tuned with the seam loss (weight "
+            "coarse_to_fine.seam_weight) at the same t_split."
+        )
     table = _table(
         "table3_coarse_to_fine",
         "Table 3: coarse-to-fine",
