@@ -45,8 +45,9 @@ from lfm_core.errors import ConfigError, check_range
 from lfm_core.train import TrainConfig, train_velocity
 from lfm_core.velocity import VelocityConfig
 from orchestrator.config import ModelSection, ResourcesSection
-from orchestrator.ray_train import fit_velocity, seeded_velocity
+from orchestrator.ray_train import fit_velocity
 from orchestrator.sweep import LOCAL_RAY_ENV
+from orchestrator.trainers import seeded_velocity
 
 NAME = "train_throughput"
 

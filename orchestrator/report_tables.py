@@ -448,7 +448,7 @@ def _auto_label(table: Table, row: Row) -> Row:
 def coarse_to_fine_table(records: Sequence[TrialRecord]) -> Table:
     """Table 3: FID, measured and FLOP-bound speedup per t_split and model pair, without and
     (coarse_to_fine.seam) with seam fine-tuning of the coarse model at the same t_split."""
-    columns = (
+    columns: tuple[Column, ...] = (
         FID,
         Column(schema.FID_COARSE_ALONE, "FID coarse alone", ".2f"),
         Column(schema.FID_REFERENCE, "FID fine alone", ".2f"),
