@@ -29,7 +29,12 @@ from orchestrator.cache import StageCache, StageRef
 from orchestrator.config import SweepConfig, load_sweep
 from orchestrator.locks import LEASES_DIR
 from orchestrator.sample_workers import GRID_IMAGES
-from orchestrator.schema import SINGLE_MODEL_METRICS, TRAIN_LOSS
+from orchestrator.schema import (
+    FID_FLOOR_AUTOENCODER,
+    FID_FLOOR_DATA,
+    SINGLE_MODEL_METRICS,
+    TRAIN_LOSS,
+)
 from orchestrator.stage_builders import load_training_data
 from orchestrator.stages import StageGraph
 from orchestrator.storage import Storage
@@ -83,7 +88,9 @@ def test_tiny_sweep_tracks_every_trial_and_builds_each_stage_once(
     )
     for run in children:
         assert run.info.status == "FINISHED"
-        assert set(run.data.metrics) == {*SINGLE_MODEL_METRICS, TRAIN_LOSS}
+        # The floors on embedded data; no FID curve (the tiny sweep sets no sampling.fid_every).
+        floors = {FID_FLOOR_DATA, FID_FLOOR_AUTOENCODER}
+        assert set(run.data.metrics) == {*SINGLE_MODEL_METRICS, TRAIN_LOSS, *floors}
         assert all(math.isfinite(value) for value in run.data.metrics.values()), run.data.metrics
         assert set(run.data.params) == TRIAL_PARAMS
         artefacts = {a.path for a in client.list_artifacts(run.info.run_id)}
