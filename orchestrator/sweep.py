@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from orchestrator import cluster_fit, schema, tracking
+from orchestrator import cluster_fit, schedule, schema, tracking
 from orchestrator.cache import StageCache
 from orchestrator.config import ResourcesSection, SweepConfig, check_local_paths
 from orchestrator.schema import METRIC_KEYS, run_metrics
@@ -317,6 +317,27 @@ def fit_cluster(cfg: SweepConfig, cluster_file: str | None = None) -> int:
     return concurrent
 
 
+def build_shared_stages(cfg: SweepConfig, trials: list[Trial]) -> None:
+    """Build the stages every trial shares (`schedule.shared_stages`) in this process, with
+    the threads of every CPU the local Ray has, before several trials start at once."""
+    refs = schedule.shared_stages(cfg, trials)
+    log.info("building %d stages every trial shares first: %s", len(refs), stage_names(refs))
+    threads = torch.get_num_threads()
+    cpus = len(os.sched_getaffinity(0))
+    torch.set_num_threads(min(cpus, cfg.resources.num_cpus or cpus))
+    try:
+        graph = StageGraph(cfg, cache_for(cfg))
+        for ref in refs:
+            graph.get(ref)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def stage_names(refs: list[Any]) -> str:
+    """"autoencoder, latents, ..." (each name once, in order)."""
+    return ", ".join(dict.fromkeys(ref.stage for ref in refs))
+
+
 def run_sweep(
     cfg: SweepConfig,
     resume: bool = False,
@@ -341,8 +362,11 @@ def run_sweep(
         raise ConfigError(f"--resume: no earlier run of sweep {cfg.name!r} under {cfg.storage}")
     if not (address or os.environ.get("RAY_ADDRESS")):
         check_local_paths(cfg)
-    init_ray(cfg, address)
+    local = init_ray(cfg, address)
     concurrent = fit_cluster(cfg, cluster_file)
+    trials = schedule.run_order(cfg, trials)
+    if local and concurrent > 1 and not resume:
+        build_shared_stages(cfg, trials)
     experiment_id = tracking.ensure_experiment(cfg)
     state = f"{SWEEPS_DIR}/{cfg.name}/parent_run.json"
     if resume:
@@ -359,7 +383,7 @@ def run_sweep(
     finally:
         tracking.close_parent(cfg, experiment_id, parent_id, failed)
     wall = time.perf_counter() - started
-    budget = sweep_budget(cache_for(cfg), started_at, wall)
+    budget = sweep_budget(cache_for(cfg), started_at, wall, concurrent)
     storage.write_json(f"{SWEEPS_DIR}/{cfg.name}/time_budget.json", budget.as_dict())
     return _outcome(cfg, results, (experiment_id, parent_id), budget)
 

@@ -3,9 +3,10 @@
 Every stage build leaves a record (stage, key, start, end, seconds); an fm_model stage's info
 also holds the seconds its training loop ran (`train_elapsed_s`), so the rest of its build is
 Ray Train's fixed cost (worker-group start, data load, checkpoint upload, teardown). The part
-of the wall time that no build covers is the sweep's own overhead: Ray and Tune start-up, trial
-scheduling, MLflow logging and waits for another trial's build. Build times add up to the wall
-time only when one trial runs at a time; with several at once they overlap.
+of the trial slots' time that no build covers is the sweep's own overhead: Ray and Tune
+start-up, trial scheduling, MLflow logging, waits for another trial's build and idle slots.
+With several trials at once (`slots`), builds overlap: every share is of wall x slots, the time
+the machine had for trials, so a sweep that leaves a slot idle shows it as `other`.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class TimeBudget:
     Attributes:
         wall: the invocation's wall time. training, sampling, metrics: build time of those
         stages (training: the training loops only). ray_train_fixed: fm_model builds minus
-        their training loops. other: wall minus every build (Ray, Tune, MLflow, waits).
+        their training loops. other: wall x slots minus every build (Ray, Tune, MLflow,
+        waits, idle slots). slots: trials run at once.
     """
 
     wall: float
@@ -48,18 +50,25 @@ class TimeBudget:
     metrics: float
     ray_train_fixed: float
     other: float
+    slots: int = 1
+
+    @property
+    def capacity(self) -> float:
+        """Trial-slot seconds: wall x slots."""
+        return self.wall * self.slots
 
     @property
     def useful_fraction(self) -> float:
-        """Share of the wall time in training, sampling and metrics."""
-        return (self.training + self.sampling + self.metrics) / self.wall if self.wall else 0.0
+        """Share of the trial slots' time in training, sampling and metrics."""
+        useful = self.training + self.sampling + self.metrics
+        return useful / self.capacity if self.capacity else 0.0
 
     def as_dict(self) -> dict[str, float]:
         """The seconds and the useful fraction, as plain numbers."""
         return {**asdict(self), "useful_fraction": self.useful_fraction}
 
     def line(self) -> str:
-        """One line, e.g. "time: 612 s training (72%), 80 s sampling (9%), ..."."""
+        """One line, e.g. "time of 700 s x 2 trial slots: 1012 s training (72%), ..."."""
         parts = [
             (self.training, "training"),
             (self.sampling, "sampling"),
@@ -67,14 +76,19 @@ class TimeBudget:
             (self.ray_train_fixed, "Ray Train fixed cost"),
             (self.other, "other (Ray/Tune start, MLflow, waits)"),
         ]
-        shares = ", ".join(f"{s:.0f} s {name} ({s / self.wall:.0%})" for s, name in parts)
-        return f"time of {self.wall:.0f} s: {shares}; useful {self.useful_fraction:.0%}"
+        shares = ", ".join(f"{s:.0f} s {name} ({s / self.capacity:.0%})" for s, name in parts)
+        slots = f" x {self.slots} trial slots" if self.slots > 1 else ""
+        return f"time of {self.wall:.0f} s{slots}: {shares}; useful {self.useful_fraction:.0%}"
 
 
 def budget_of(
-    records: Iterable[Mapping[str, Any]], train_seconds: Mapping[str, float], wall: float
+    records: Iterable[Mapping[str, Any]],
+    train_seconds: Mapping[str, float],
+    wall: float,
+    slots: int = 1,
 ) -> TimeBudget:
-    """The budget of these build records; `train_seconds`: fm_model key -> its training loop."""
+    """The budget of these build records; `train_seconds`: fm_model key -> its training loop;
+    `slots`: trials run at once."""
     seconds = {"training": 0.0, "sampling": 0.0, OTHER_STAGES: 0.0, RAY_TRAIN: 0.0}
     for record in records:
         category = CATEGORIES.get(record["stage"], OTHER_STAGES)
@@ -91,16 +105,18 @@ def budget_of(
         seconds["sampling"],
         seconds[OTHER_STAGES],
         seconds[RAY_TRAIN],
-        max(wall - built, 0.0),
+        max(wall * slots - built, 0.0),
+        slots,
     )
 
 
-def sweep_budget(cache: StageCache, since: float, wall: float) -> TimeBudget:
-    """The budget of the builds that started at or after `since` (a time.time())."""
+def sweep_budget(cache: StageCache, since: float, wall: float, slots: int = 1) -> TimeBudget:
+    """The budget of the builds that started at or after `since` (a time.time()), with
+    `slots` trials at once."""
     records = [r for r in cache.records() if r["start"] >= since]
     train_seconds = {
         r["key"]: float(cache.entry_info(r["stage"], r["key"]).get(TRAIN_SECONDS, 0.0))
         for r in records
         if r["stage"] == "fm_model"
     }
-    return budget_of(records, train_seconds, wall)
+    return budget_of(records, train_seconds, wall, slots)

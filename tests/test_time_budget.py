@@ -27,3 +27,16 @@ def test_builds_split_into_training_sampling_metrics_and_fixed_costs() -> None:
     assert "useful 78%" in budget.line()
     # Overlapping builds (trials side by side) can sum past the wall time: other is then 0.
     assert budget_of(records, {}, wall=100.0).other == 0.0
+
+
+def test_two_trial_slots_share_their_time() -> None:
+    """Two trials at once for 200 s: 400 slot-seconds, of which 300 built and 100 idle."""
+    records = [
+        {"stage": "fm_model", "key": "m1", "seconds": 180.0},
+        {"stage": "fm_model", "key": "m2", "seconds": 120.0},
+    ]
+    budget = budget_of(records, {"m1": 160.0, "m2": 100.0}, wall=200.0, slots=2)
+    assert budget.capacity == 400.0
+    assert budget.ray_train_fixed == 40.0 and budget.other == 100.0
+    assert budget.useful_fraction == pytest.approx(260.0 / 400.0)
+    assert budget.line().startswith("time of 200 s x 2 trial slots: 260 s training (65%)")
