@@ -6,11 +6,15 @@ Ray Train's fixed cost (worker-group start, data load, checkpoint upload, teardo
 of the trial slots' time that no build covers is the sweep's own overhead: Ray and Tune
 start-up, trial scheduling, MLflow logging, waits for another trial's build and idle slots.
 With several trials at once (`slots`), builds overlap: every share is of wall x slots, the time
-the machine had for trials, so a sweep that leaves a slot idle shows it as `other`.
+the machine had for trials, so a sweep that leaves a slot idle shows it as `other`. A build by
+the sweep's own process (the shared stages it builds first with every core) held every slot:
+its seconds count once per slot.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -88,16 +92,17 @@ def budget_of(
     slots: int = 1,
 ) -> TimeBudget:
     """The budget of these build records; `train_seconds`: fm_model key -> its training loop;
-    `slots`: trials run at once."""
+    `slots`: trials run at once; a record's own "slots" (default 1): the slots its build held."""
     seconds = {"training": 0.0, "sampling": 0.0, OTHER_STAGES: 0.0, RAY_TRAIN: 0.0}
     for record in records:
         category = CATEGORIES.get(record["stage"], OTHER_STAGES)
+        held = record.get("slots", 1)  # slots the build held (the sweep process: all)
         if record["stage"] == "fm_model":
             loop = min(train_seconds.get(record["key"], 0.0), record["seconds"])
-            seconds["training"] += loop
-            seconds[RAY_TRAIN] += record["seconds"] - loop
+            seconds["training"] += loop * held
+            seconds[RAY_TRAIN] += (record["seconds"] - loop) * held
         else:
-            seconds[category] += record["seconds"]
+            seconds[category] += record["seconds"] * held
     built = sum(seconds.values())
     return TimeBudget(
         wall,
@@ -112,8 +117,13 @@ def budget_of(
 
 def sweep_budget(cache: StageCache, since: float, wall: float, slots: int = 1) -> TimeBudget:
     """The budget of the builds that started at or after `since` (a time.time()), with
-    `slots` trials at once."""
-    records = [r for r in cache.records() if r["start"] >= since]
+    `slots` trials at once; builds by this process (the sweep's own) held every slot."""
+    here = (socket.gethostname(), os.getpid())
+    records = [
+        {**r, "slots": slots} if (r.get("host"), r.get("pid")) == here else r
+        for r in cache.records()
+        if r["start"] >= since
+    ]
     train_seconds = {
         r["key"]: float(cache.entry_info(r["stage"], r["key"]).get(TRAIN_SECONDS, 0.0))
         for r in records

@@ -40,3 +40,7 @@ def test_two_trial_slots_share_their_time() -> None:
     assert budget.ray_train_fixed == 40.0 and budget.other == 100.0
     assert budget.useful_fraction == pytest.approx(260.0 / 400.0)
     assert budget.line().startswith("time of 200 s x 2 trial slots: 260 s training (65%)")
+    # A build that held both slots (the sweep's own process, every core) counts twice.
+    shared = [{"stage": "autoencoder", "key": "a", "seconds": 50.0, "slots": 2}, *records]
+    budget = budget_of(shared, {"m1": 160.0, "m2": 100.0}, wall=250.0, slots=2)
+    assert budget.training == 100.0 + 260.0 and budget.other == 500.0 - 400.0
