@@ -55,7 +55,7 @@ from typing import Any
 import torch
 
 from orchestrator import cluster_fit, schedule, schema, tracking
-from orchestrator.cache import StageCache
+from orchestrator.cache import StageCache, StageRef
 from orchestrator.config import ResourcesSection, SweepConfig, check_local_paths
 from orchestrator.schema import METRIC_KEYS, run_metrics
 from orchestrator.stage_builders import LOSS_HISTORY
@@ -333,8 +333,8 @@ def build_shared_stages(cfg: SweepConfig, trials: list[Trial]) -> None:
         torch.set_num_threads(threads)
 
 
-def stage_names(refs: list[Any]) -> str:
-    """"autoencoder, latents, ..." (each name once, in order)."""
+def stage_names(refs: list[StageRef]) -> str:
+    """The stages' names, each once, in order: "autoencoder, latents, ..."."""
     return ", ".join(dict.fromkeys(ref.stage for ref in refs))
 
 
