@@ -19,18 +19,17 @@ def test_the_reference_trains_beside_another_model_not_after_it(tmp_path: Path) 
     # First the full-data trial (its model is the reference, nothing else), then one trial per
     # model not trained yet (each also needs the reference), then the rest in file order.
     assert [t.name for t in order] == [
-        "data_reduction-f1-random-wbase-tnone-s0",
-        "data_reduction-f0.25-random-wbase-tnone-s0",
+        "data_reduction-f1-balanced_nearest-wbase-tnone-s0",
         "data_reduction-f0.25-balanced_nearest-wbase-tnone-s0",
         "capacity-f1-random-w8-tnone-s0",
-        "data_reduction-f1-balanced_nearest-wbase-tnone-s0",
+        "capacity-f1-random-wbase-tnone-s0",
         "coarse_to_fine-f1-random-w8-tauto-s0",
         "coarse_to_fine-f1-random-w8-t0.5-s0",
         "coarse_to_fine-f1-random-w8-t0.8-s0",
     ]
     models = [trained_models(cfg, t) for t in order]
-    assert len(models[0]) == 1 and all(models[0] < m for m in models[1:4])
-    assert len(set().union(*models)) == 4 and all(m <= models[3] for m in models[5:])
+    assert len(models[0]) == 1 and all(models[0] < m for m in models[1:3])
+    assert len(set().union(*models)) == 3 and all(m <= models[2] for m in models[4:])
 
 
 def test_shared_stages_stop_before_any_trained_velocity_model(tmp_path: Path) -> None:
