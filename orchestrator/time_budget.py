@@ -1,8 +1,8 @@
 """Where a sweep invocation's wall time went, from the stage cache's build records.
 
-Every stage build leaves a record (stage, key, start, end, seconds); an fm_model stage's info
-also holds the seconds its training loop ran (`train_elapsed_s`), so the rest of its build is
-Ray Train's fixed cost (worker-group start, data load, checkpoint upload, teardown). The part
+Every stage build leaves a record (stage, key, start, end, seconds); an fm_model or seam_model
+stage's info also holds the seconds its training loop ran (`train_elapsed_s`), so the rest of
+its build is Ray Train's fixed cost (worker-group start, data load, checkpoint upload, teardown). The part
 of the trial slots' time that no build covers is the sweep's own overhead: Ray and Tune
 start-up, trial scheduling, MLflow logging, waits for another trial's build and idle slots.
 With several trials at once (`slots`), builds overlap: every share is of wall x slots, the time
@@ -21,12 +21,14 @@ from typing import Any
 
 from orchestrator.cache import StageCache
 
-# Builds whose time is training, sampling or evaluation (stage -> category); the fm_model
-# stage's training loop is training, the rest of its build RAY_TRAIN.
+# Builds whose time is training, sampling or evaluation (stage -> category); a Ray Train
+# stage's (FITTED) training loop is training, the rest of its build RAY_TRAIN.
 CATEGORIES = {
     "autoencoder": "training",
     "extractor": "training",
     "fm_model": "training",
+    "seam_model": "training",
+    "seam_state": "sampling",  # the fine model's ODE run backwards
     "samples": "sampling",
     "fid_curve": "sampling",
     "timing": "sampling",
@@ -34,6 +36,7 @@ CATEGORIES = {
 }
 OTHER_STAGES = "metrics"  # every other stage: features, subsets, scores, statistics, metrics
 RAY_TRAIN = "ray_train_fixed"
+FITTED = frozenset({"fm_model", "seam_model"})  # stages trained by Ray Train
 TRAIN_SECONDS = "train_elapsed_s"
 
 
@@ -43,7 +46,7 @@ class TimeBudget:
 
     Attributes:
         wall: the invocation's wall time. training, sampling, metrics: build time of those
-        stages (training: the training loops only). ray_train_fixed: fm_model builds minus
+        stages (training: the training loops only). ray_train_fixed: Ray Train builds minus
         their training loops. other: wall x slots minus every build (Ray, Tune, MLflow,
         waits, idle slots). slots: trials run at once.
     """
@@ -91,13 +94,13 @@ def budget_of(
     wall: float,
     slots: int = 1,
 ) -> TimeBudget:
-    """The budget of these build records; `train_seconds`: fm_model key -> its training loop;
+    """The budget of these build records; `train_seconds`: fitted stage's key -> its training loop;
     `slots`: trials run at once; a record's own "slots" (default 1): the slots its build held."""
     seconds = {"training": 0.0, "sampling": 0.0, OTHER_STAGES: 0.0, RAY_TRAIN: 0.0}
     for record in records:
         category = CATEGORIES.get(record["stage"], OTHER_STAGES)
         held = record.get("slots", 1)  # slots the build held (the sweep process: all)
-        if record["stage"] == "fm_model":
+        if record["stage"] in FITTED:
             loop = min(train_seconds.get(record["key"], 0.0), record["seconds"])
             seconds["training"] += loop * held
             seconds[RAY_TRAIN] += (record["seconds"] - loop) * held
@@ -127,6 +130,6 @@ def sweep_budget(cache: StageCache, since: float, wall: float, slots: int = 1) -
     train_seconds = {
         r["key"]: float(cache.entry_info(r["stage"], r["key"]).get(TRAIN_SECONDS, 0.0))
         for r in records
-        if r["stage"] == "fm_model"
+        if r["stage"] in FITTED
     }
     return budget_of(records, train_seconds, wall, slots)

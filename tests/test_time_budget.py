@@ -16,15 +16,17 @@ def test_builds_split_into_training_sampling_metrics_and_fixed_costs() -> None:
         {"stage": "fid_curve", "key": "c", "seconds": 12.0},
         {"stage": "metrics", "key": "x", "seconds": 1.0},
         {"stage": "floors", "key": "f", "seconds": 4.0},
+        {"stage": "seam_state", "key": "q", "seconds": 5.0},
+        {"stage": "seam_model", "key": "m3", "seconds": 30.0},
     ]
     # m2's record says more training than its build took (clock skew): capped at the build.
-    budget = budget_of(records, {"m1": 125.0, "m2": 70.0}, wall=400.0)
-    assert budget.training == 100.0 + 125.0 + 60.0
-    assert budget.ray_train_fixed == 25.0
-    assert budget.sampling == 20.0 and budget.metrics == 5.0
-    assert budget.other == 400.0 - 335.0
-    assert budget.useful_fraction == pytest.approx(310.0 / 400.0)
-    assert "useful 78%" in budget.line()
+    budget = budget_of(records, {"m1": 125.0, "m2": 70.0, "m3": 20.0}, wall=400.0)
+    assert budget.training == 100.0 + 125.0 + 60.0 + 20.0
+    assert budget.ray_train_fixed == 25.0 + 10.0
+    assert budget.sampling == 25.0 and budget.metrics == 5.0
+    assert budget.other == 400.0 - 370.0
+    assert budget.useful_fraction == pytest.approx(335.0 / 400.0)
+    assert "useful 84%" in budget.line()
     # Overlapping builds (trials side by side) can sum past the wall time: other is then 0.
     assert budget_of(records, {}, wall=100.0).other == 0.0
 
