@@ -1,9 +1,9 @@
 """Where a sweep invocation's wall time went, from the stage cache's build records.
 
-Every stage build leaves a record (stage, key, start, end, seconds); an fm_model or seam_model
-stage's info also holds the seconds its training loop ran (`train_elapsed_s`), so the rest of
-its build is Ray Train's fixed cost (worker-group start, data load, checkpoint upload, teardown). The part
-of the trial slots' time that no build covers is the sweep's own overhead: Ray and Tune
+Every stage build leaves a record (stage, key, start, end, seconds); a Ray Train stage's info
+(fm_model, seam_model) also holds the seconds its training loop ran (`train_elapsed_s`), so the
+rest of its build is Ray Train's fixed cost (worker-group start, data load, checkpoint upload,
+teardown). The part of the trial slots' time that no build covers is the sweep's own overhead: Ray and Tune
 start-up, trial scheduling, MLflow logging, waits for another trial's build and idle slots.
 With several trials at once (`slots`), builds overlap: every share is of wall x slots, the time
 the machine had for trials, so a sweep that leaves a slot idle shows it as `other`. A build by
@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from orchestrator.cache import StageCache
+from orchestrator.schedule import TRAINED_STAGES
 
 # Builds whose time is training, sampling or evaluation (stage -> category); a Ray Train
-# stage's (FITTED) training loop is training, the rest of its build RAY_TRAIN.
+# stage's (TRAINED_STAGES) training loop is training, the rest of its build RAY_TRAIN.
 CATEGORIES = {
     "autoencoder": "training",
     "extractor": "training",
@@ -36,7 +37,6 @@ CATEGORIES = {
 }
 OTHER_STAGES = "metrics"  # every other stage: features, subsets, scores, statistics, metrics
 RAY_TRAIN = "ray_train_fixed"
-FITTED = frozenset({"fm_model", "seam_model"})  # stages trained by Ray Train
 TRAIN_SECONDS = "train_elapsed_s"
 
 
@@ -100,7 +100,7 @@ def budget_of(
     for record in records:
         category = CATEGORIES.get(record["stage"], OTHER_STAGES)
         held = record.get("slots", 1)  # slots the build held (the sweep process: all)
-        if record["stage"] in FITTED:
+        if record["stage"] in TRAINED_STAGES:
             loop = min(train_seconds.get(record["key"], 0.0), record["seconds"])
             seconds["training"] += loop * held
             seconds[RAY_TRAIN] += (record["seconds"] - loop) * held
@@ -130,6 +130,6 @@ def sweep_budget(cache: StageCache, since: float, wall: float, slots: int = 1) -
     train_seconds = {
         r["key"]: float(cache.entry_info(r["stage"], r["key"]).get(TRAIN_SECONDS, 0.0))
         for r in records
-        if r["stage"] in FITTED
+        if r["stage"] in TRAINED_STAGES
     }
     return budget_of(records, train_seconds, wall, slots)
