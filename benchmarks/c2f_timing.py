@@ -27,7 +27,7 @@ from benchmarks.coarse_to_fine import (
     model_facts,
     prepare_models,
     sample_interleaved,
-    sampler_times,
+    samplers_of,
 )
 from benchmarks.common import RESULTS_DIR, Clock, benchmark_main, median, record_result
 from lfm_core.configs import VELOCITY_SIZES, VelocityConfig
@@ -124,13 +124,13 @@ def run(cfg: TimingConfig) -> dict[str, Any]:
         {(0, role): m for role, m in models.items()}, seeds, shape, timing
     )
     coarse, fine = prepared[0, "coarse"], prepared[0, "fine"]
-    samplers = sampler_times(timing.t_splits)
+    samplers = samplers_of(coarse, timing.t_splits)
     probe = seeded_noise(seeds[: timing.sampling.batch_size], shape, device=timing.device)
     with autocast(timing):
-        sampled = sample_interleaved(coarse, fine, samplers, seeds, timing)
+        sampled = sample_interleaved(fine, samplers, seeds, timing)
         facts = {role: model_facts(prepared[0, role], flops[role], probe, timing) for role in flops}
     rows = []
-    for name, t_split in samplers.items():
+    for name, (t_split, _) in samplers.items():
         nfe_coarse, nfe_fine = sampled.nfe[name]
         ratios = [a / b for a, b in zip(sampled.seconds[LARGE], sampled.seconds[name], strict=True)]
         bound = flop_speedup_bound(flops["coarse"], flops["fine"], nfe_coarse, nfe_fine)

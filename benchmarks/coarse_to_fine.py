@@ -10,7 +10,12 @@ the samples of a sampler make its FID (decoded, FID-extractor features, against 
 split's features), per seed set (`sampling.num_samples` / `seed_sets` seeds), so the spread
 between sets shows FID noise. The samples are the timed ones, so they are not a cached stage.
 
-With `compile` (the default) both models go through torch.compile before any timing, so every
+With `coarse_to_fine.seam=true` every t_split also runs with the coarse model fine-tuned by
+SeamLoss against the fine model at that t_split (a seam_model stage of the graph, trained by
+its trainer; the paper's train_coarse_to_fine_loop), in rows marked `c2f+seam` beside the
+plain ones, on the same noise and in the same rounds.
+
+With `compile` (the default) every model goes through torch.compile before any timing, so every
 sampler and the profile time the compiled forwards; FLOPs are counted on the eager copies.
 
 The FLOP bound is lfm_core.flops.flop_speedup_bound of forward_flops. The profile
@@ -53,13 +58,15 @@ from lfm_core.flops import flop_speedup_bound, forward_flops
 from lfm_core.solvers import seeded_noise
 from lfm_core.train import TrainConfig
 from lfm_core.velocity import VELOCITY_SIZES, VelocityModel, count_parameters
+from orchestrator import stage_keys
 from orchestrator.cache import StageRef
-from orchestrator.config import SamplingSection
+from orchestrator.config import CoarseToFineSection, SamplingSection
 
 NAME = "coarse_to_fine"
 DEVICES = ("cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 LARGE, SMALL = "large_only", "small_only"
+SEAM_PREFIX = "c2f+seam@"
 COARSE_FINE = ("coarse", "fine")
 TOP_OPS = 6
 MS_PER_S = 1e3
@@ -92,6 +99,9 @@ class C2FConfig:
             from first_seed) and the timing round (batch_size samples, dividing each set).
         seed_sets: FID is measured per set of num_samples / seed_sets seeds.
         threads: torch threads for training and sampling.
+        coarse_to_fine: seam fine-tuning (the sweep file's section): with `seam`, each t_split
+            also samples with a seam_model stage of the coarse model (`seam_steps` steps of the
+            `train` settings, None: a quarter of train.steps; `seam_weight`, the paper's 0.1).
         fid_tolerance: coarse-to-fine FID may exceed the large model's by this fraction.
         min_speedup, min_bound_ratio: the goals.
         profile_repeats: timed forward passes per model in the profile (median kept).
@@ -118,6 +128,7 @@ class C2FConfig:
     sampling: SamplingSection = SAMPLING
     seed_sets: int = 2
     threads: int = field(default_factory=usable_cores)
+    coarse_to_fine: CoarseToFineSection = field(default_factory=CoarseToFineSection)
     fid_tolerance: float = 0.05
     min_speedup: float = 2.5
     min_bound_ratio: float = 0.9
@@ -206,9 +217,46 @@ def model_refs(embedded: Embedded, cfg: C2FConfig) -> dict[tuple[int, str], Stag
     }
 
 
+def seam_refs(
+    embedded: Embedded, cfg: C2FConfig, refs: dict[tuple[int, str], StageRef]
+) -> dict[tuple[int, int, float], StageRef]:
+    """(coarse width, fine width, t_split) -> the seam_model stage of the pair at t_split (the
+    coarse model fine-tuned on all the data against the fine one); {} without seam."""
+    if not cfg.coarse_to_fine.seam:
+        return {}
+    full = embedded.full_subset()
+    return {
+        (c, f, t): stage_keys.seam_model(embedded.cfg, refs[c, "coarse"], refs[f, "fine"], full, t)
+        for c, f in cfg.width_pairs()
+        for t in cfg.t_splits
+    }
+
+
 def sampler_times(t_splits: tuple[float, ...]) -> dict[str, float]:
     """Sampler name -> t_split: the large model alone (0), coarse-to-fine, the small alone (1)."""
     return {LARGE: 0.0, **{f"c2f@{t:g}": t for t in sorted(t_splits)}, SMALL: 1.0}
+
+
+def seam_role(fine_width: int, t_split: float) -> str:
+    """The role of a seam-fine-tuned coarse model among a run's models (keyed (width, role))."""
+    return f"seam to {fine_width} at {t_split:g}"
+
+
+# A sampler: its t_split and the coarse model it integrates [0, t_split) with.
+Sampler = tuple[float, VelocityModel]
+
+
+def samplers_of(
+    coarse: VelocityModel,
+    t_splits: tuple[float, ...],
+    seam: dict[float, VelocityModel] | None = None,
+) -> dict[str, Sampler]:
+    """Every sampler of a pair (sampler_times with `coarse`), then one `c2f+seam@t` per seam
+    model (t_split -> the coarse model fine-tuned for it)."""
+    samplers = {name: (t, coarse) for name, t in sampler_times(t_splits).items()}
+    for t, model in sorted((seam or {}).items()):
+        samplers[f"{SEAM_PREFIX}{t:g}"] = (t, model)
+    return samplers
 
 
 @dataclass
@@ -219,23 +267,23 @@ class _Sampled:
 
 
 def sample_interleaved(
-    coarse: VelocityModel,
     fine: VelocityModel,
-    samplers: dict[str, float],
+    samplers: dict[str, Sampler],
     seeds: list[int],
     cfg: C2FConfig,
 ) -> _Sampled:
     """Every sampler on the same noise, round by round, in a rotating order."""
-    shape = (coarse.config.in_channels, coarse.config.sample_size, coarse.config.sample_size)
+    shape = (fine.config.in_channels, fine.config.sample_size, fine.config.sample_size)
     device = next(fine.parameters()).device
     out = _Sampled({n: [] for n in samplers}, {n: [] for n in samplers}, {})
     size = cfg.sampling.batch_size
     rounds = [seeds[i : i + size] for i in range(0, len(seeds), size)]
     names = list(samplers)
     # One untimed pass of each model first: the first call of a model pays for allocations.
+    models = {id(m): m for m in (fine, *(coarse for _, coarse in samplers.values()))}
     with torch.no_grad():
         warm = seeded_noise(rounds[0], shape, device=device)
-        for model in (coarse, fine):
+        for model in models.values():
             model(warm, torch.full((warm.shape[0],), 0.5, device=device))
     bar = tqdm(total=len(rounds) * len(names), desc="c2f sampling", disable=not cfg.progress)
     for index, chunk in enumerate(rounds):
@@ -245,11 +293,12 @@ def sample_interleaved(
             # Timed here, between synchronisations: on a GPU the call returns before the work ends.
             _synchronize(device)
             started = time.perf_counter()
+            t_split, coarse = samplers[name]
             result = sample_coarse_to_fine(
                 coarse,
                 fine,
                 noise,
-                samplers[name],
+                t_split,
                 steps=cfg.sampling.steps,
                 method=cfg.sampling.solver,
             )
@@ -357,6 +406,7 @@ def _row(
     fid_ratio_sets = [a / b for a, b in zip(fid_sets[name], fid_sets[LARGE], strict=True)]
     row = {
         "t_split": t_split,
+        "seam": name.startswith(SEAM_PREFIX),
         "nfe_coarse": nfe_coarse,
         "nfe_fine": nfe_fine,
         "seconds_rounds": times,
@@ -386,13 +436,15 @@ def _pair(
     flops: dict[str, int],
     seeds: list[int],
     cfg: C2FConfig,
+    seam: dict[float, VelocityModel],
 ) -> dict[str, Any]:
-    """Sample, time, score and profile one (coarse, fine) pair; flops: per sample, per model."""
-    samplers = sampler_times(cfg.t_splits)
+    """Sample, time, score and profile one (coarse, fine) pair; flops: per sample, per model;
+    seam: t_split -> the seam-fine-tuned coarse model ({} without seam)."""
+    samplers = samplers_of(coarse, cfg.t_splits, seam)
     probe = seeded_noise(seeds[: cfg.sampling.batch_size], embedded.latent_shape, device=cfg.device)
     # Sampling and profile in the configured precision; the FIDs below decode in float32.
     with autocast(cfg):
-        sampled = sample_interleaved(coarse, fine, samplers, seeds, cfg)
+        sampled = sample_interleaved(fine, samplers, seeds, cfg)
         facts = {
             "coarse": model_facts(coarse, flops["coarse"], probe, cfg),
             "fine": model_facts(fine, flops["fine"], probe, cfg),
@@ -404,9 +456,10 @@ def _pair(
     }
     rows = {
         name: _row(name, t_split, sampled, fid_sets, flops, forward_s, cfg)
-        for name, t_split in samplers.items()
+        for name, (t_split, _) in samplers.items()
     }
-    c2f = [v for k, v in rows.items() if k not in (LARGE, SMALL)]
+    c2f = [v for k, v in rows.items() if k not in (LARGE, SMALL) and not v["seam"]]
+    with_seam = [v for v in rows.values() if v["seam"]]
     return {
         "coarse_width": coarse.config.width,
         "fine_width": fine.config.width,
@@ -414,7 +467,8 @@ def _pair(
         LARGE: rows[LARGE],
         SMALL: rows[SMALL],
         "t_splits": c2f,
-        "chosen": _choose(c2f, cfg),
+        "seam_t_splits": with_seam,
+        "chosen": _choose(c2f + with_seam, cfg),
         "fid_noise": {
             "large_only_fid_sets": rows[LARGE]["fid_sets"],
             "large_only_relative_spread": _spread(rows[LARGE]["fid_sets"]),
@@ -437,28 +491,27 @@ def _goals(row: dict[str, Any], cfg: C2FConfig) -> dict[str, Any]:
 
 
 def _choose(rows: list[dict[str, Any]], cfg: C2FConfig) -> dict[str, Any]:
-    """The fastest t_split that meets every goal; else the fastest within the FID tolerance;
-    else the one with the lowest FID ratio."""
+    """The fastest t_split (with or without seam) that meets every goal; else the fastest
+    within the FID tolerance; else the one with the lowest FID ratio."""
     every = [r for r in rows if all(g["met"] for g in r["goals"].values())]
-    if every:
-        best = max(every, key=lambda r: r["speedup"])
-        return {"t_split": best["t_split"], "reason": "fastest that meets every goal"}
     passing = [r for r in rows if r["goals"]["fid_ratio"]["met"]]
-    if passing:
-        best = max(passing, key=lambda r: r["speedup"])
-        return {"t_split": best["t_split"], "reason": "fastest within the FID tolerance"}
-    best = min(rows, key=lambda r: r["fid_ratio"])
-    return {
-        "t_split": best["t_split"],
-        "reason": "no t_split within the FID tolerance: lowest FID ratio",
-    }
+    if every:
+        best, reason = max(every, key=lambda r: r["speedup"]), "fastest that meets every goal"
+    elif passing:
+        best, reason = max(passing, key=lambda r: r["speedup"]), "fastest within the FID tolerance"
+    else:
+        best = min(rows, key=lambda r: r["fid_ratio"])
+        reason = "no t_split within the FID tolerance: lowest FID ratio"
+    return {"t_split": best["t_split"], "seam": best.get("seam", False), "reason": reason}
 
 
 def _recommend(pairs: list[dict[str, Any]]) -> dict[str, Any]:
     """Across pairs: FID goal met first, then the highest speedup at the chosen t_split."""
 
     def chosen_row(pair: dict[str, Any]) -> dict[str, Any]:
-        return next(r for r in pair["t_splits"] if r["t_split"] == pair["chosen"]["t_split"])
+        chosen = pair["chosen"]
+        rows = pair["seam_t_splits"] if chosen["seam"] else pair["t_splits"]
+        return next(r for r in rows if r["t_split"] == chosen["t_split"])
 
     best = max(
         pairs,
@@ -468,6 +521,7 @@ def _recommend(pairs: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "pair": f"{best['coarse_width']}:{best['fine_width']}",
         "t_split": row["t_split"],
+        "seam": row["seam"],
         "speedup": row["speedup"],
         "fid_ratio": row["fid_ratio"],
         "bound_ratio": row["bound_ratio"],
@@ -483,13 +537,19 @@ def run(cfg: C2FConfig) -> dict[str, Any]:
     if cfg.device == "cuda":
         torch.set_float32_matmul_precision("high")
     clock = Clock.start()
-    sections = {"train": cfg.train, "sampling": cfg.sampling}
+    sections = {"train": cfg.train, "sampling": cfg.sampling, "coarse_to_fine": cfg.coarse_to_fine}
     embedded = Embedded(cfg.stages, sections, progress=cfg.progress, device=cfg.device)
-    refs = model_refs(embedded, cfg)
+    refs: dict[tuple[int, str], StageRef] = model_refs(embedded, cfg)
+    for (c, f, t), ref in seam_refs(embedded, cfg, refs).items():
+        refs[c, seam_role(f, t)] = ref
     trained = {key: embedded.trained(ref) for key, ref in refs.items()}
     # FLOPs do not depend on the device: counted on the CPU copies, then the models move.
     one = seeded_noise([cfg.sampling.first_seed], embedded.latent_shape)
-    flops = {key: forward_flops(model, one) for key, (model, _) in trained.items()}
+    flops = {
+        key: forward_flops(model, one)
+        for key, (model, _) in trained.items()
+        if key[1] in COARSE_FINE
+    }
     first = cfg.sampling.first_seed
     seeds = list(range(first, first + cfg.sampling.num_samples))
     models, compile_s = prepare_models(
@@ -499,12 +559,18 @@ def run(cfg: C2FConfig) -> dict[str, Any]:
     for c, f in cfg.width_pairs():
         coarse, fine = (c, "coarse"), (f, "fine")
         pair_flops = {"coarse": flops[coarse], "fine": flops[fine]}
-        pairs.append(_pair(embedded, models[coarse], models[fine], pair_flops, seeds, cfg))
+        seam = {
+            t: models[c, seam_role(f, t)] for t in cfg.t_splits if (c, seam_role(f, t)) in models
+        }
+        pairs.append(_pair(embedded, models[coarse], models[fine], pair_flops, seeds, cfg, seam))
     recommended = _recommend(pairs)
     body = {
         "data": embedded.info(),
         "training": {
-            f"{role} {w}": {**facts, "steps": refs[w, role].inputs["train"]["steps"]}
+            (f"{role} {w}" if role in COARSE_FINE else f"coarse {w} {role}"): {
+                **facts,
+                "steps": refs[w, role].inputs["train"]["steps"],
+            }
             for (w, role), (_, facts) in trained.items()
         },
         "compile_seconds": compile_s,
@@ -516,6 +582,7 @@ def run(cfg: C2FConfig) -> dict[str, Any]:
             "c2f_bound_ratio": recommended["bound_ratio"],
             "c2f_t_split": recommended["t_split"],
             "c2f_pair": recommended["pair"],
+            "c2f_seam": recommended["seam"],
         },
     }
     return record_result(NAME, cfg, clock, body, recommended["goals"])
@@ -546,7 +613,10 @@ def prepare_models(
     return compiled, time.perf_counter() - started  # type: ignore[return-value]
 
 
-def _kind(t_split: float) -> str:
+def _kind(row: dict[str, Any]) -> str:
+    if row.get("seam"):
+        return "c2f+seam"
+    t_split = row["t_split"]
     return "large" if t_split == 0 else ("small" if t_split == 1 else "c2f")
 
 
@@ -580,11 +650,11 @@ def markdown(result: dict[str, Any]) -> str:
             "| solver overhead | FID (per set) | FID / large (per set) |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-        for row in [pair[LARGE], *pair["t_splits"], pair[SMALL]]:
+        for row in [pair[LARGE], *pair["t_splits"], pair[SMALL], *pair.get("seam_t_splits", [])]:
             sets = " / ".join(f"{f:.2f}" for f in row["fid_sets"])
             ratio_sets = " / ".join(f"{r:.3f}" for r in row["fid_ratio_sets"])
             lines.append(
-                f"| {_kind(row['t_split'])} | {row['t_split']:g} | {row['speedup']:.2f}x "
+                f"| {_kind(row)} | {row['t_split']:g} | {row['speedup']:.2f}x "
                 f"| {row['flop_bound']:.2f}x | {row['bound_ratio']:.2f} | {row['forward_bound']:.2f}x "
                 f"| {row['overhead_share']:.1%} | {row['fid']:.2f} ({sets}) "
                 f"| {row['fid_ratio']:.3f} ({ratio_sets}) |"
@@ -592,7 +662,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("")
     rec = result["recommended"]
     lines += [
-        f"Recommended: pair {rec['pair']} at t_split {rec['t_split']:g} ({rec['reason']}).",
+        f"Recommended: pair {rec['pair']} at t_split {rec['t_split']:g}"
+        f"{' with seam' if rec.get('seam') else ''} ({rec['reason']}).",
         "",
     ]
     if result.get("compile_seconds") is not None:

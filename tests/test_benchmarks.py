@@ -33,7 +33,7 @@ from lfm_core.flops import flop_speedup_bound
 from lfm_core.metrics import stability
 from lfm_core.solvers import seeded_noise, uniform_grid
 from orchestrator import stage_keys
-from orchestrator.config import SamplingSection, load_sweep
+from orchestrator.config import CoarseToFineSection, SamplingSection, load_sweep
 from orchestrator.stages import StageGraph
 from orchestrator.sweep import cache_for
 from orchestrator.trainers import InProcessTrainer
@@ -118,6 +118,33 @@ def test_choose_takes_the_fastest_t_split_that_meets_the_goals():
     assert coarse_to_fine._choose(slow, cfg)["t_split"] == 0.7
     worse = [_row(0.5, 1.8, 1.10), _row(0.7, 2.6, 1.20)]
     assert coarse_to_fine._choose(worse, coarse_to_fine.C2FConfig())["t_split"] == 0.5
+
+
+def test_choose_may_take_a_seam_row_and_says_so():
+    cfg = coarse_to_fine.C2FConfig()
+    plain = [_row(0.7, 2.6, 1.04), _row(0.8, 3.4, 1.20)]
+    seam = {**_row(0.8, 3.3, 1.03), "seam": True}
+    assert coarse_to_fine._choose(plain, cfg) == {
+        "t_split": 0.7,
+        "seam": False,
+        "reason": "fastest that meets every goal",
+    }
+    assert coarse_to_fine._choose([*plain, seam], cfg)["seam"] is True
+
+
+def test_samplers_of_lists_large_c2f_small_then_one_seam_sampler_per_t_split():
+    coarse, seam5, seam8 = (torch.nn.Identity() for _ in range(3))
+    samplers = coarse_to_fine.samplers_of(coarse, (0.8, 0.5), {0.8: seam8, 0.5: seam5})
+    assert list(samplers) == [
+        "large_only",
+        "c2f@0.5",
+        "c2f@0.8",
+        "small_only",
+        "c2f+seam@0.5",
+        "c2f+seam@0.8",
+    ]
+    assert [t for t, _ in samplers.values()] == [0.0, 0.5, 0.8, 1.0, 0.5, 0.8]
+    assert samplers["c2f@0.8"][1] is coarse and samplers["c2f+seam@0.8"][1] is seam8
 
 
 @pytest.mark.parametrize("scale", ["full", "tiny"])
@@ -318,6 +345,32 @@ def test_coarse_to_fine_rows_follow_from_their_measurements(tiny_run):
     assert summary["c2f_t_split"] == recommended["t_split"]
     assert result["goals"] == recommended["goals"]
     assert pair["models"]["coarse"]["top_ops"]
+
+
+@pytest.mark.integration
+def test_seam_option_fine_tunes_the_coarse_model_per_t_split_through_the_graph(tiny_run, tmp_path):
+    _, _, configs = tiny_run
+    before = {(r["stage"], r["key"]) for r in _records(configs)}
+    cfg = dataclasses.replace(
+        configs[coarse_to_fine.NAME],
+        out=str(tmp_path),
+        pairs=("16:32",),
+        t_splits=(0.5,),
+        coarse_to_fine=CoarseToFineSection(seam=True),
+    )
+    result = coarse_to_fine.run(cfg)
+    built = {(r["stage"], r["key"]) for r in _records(configs)} - before
+    assert sorted(stage for stage, _ in built) == ["seam_model", "seam_state"]
+    pair = result["pairs"][0]
+    (plain,), (seam,) = pair["t_splits"], pair["seam_t_splits"]
+    assert (seam["seam"], plain["seam"], seam["t_split"]) == (True, False, 0.5)
+    assert (seam["nfe_coarse"], seam["nfe_fine"]) == (plain["nfe_coarse"], plain["nfe_fine"])
+    assert seam["flop_bound"] == plain["flop_bound"]
+    # Another coarse model on the same noise: other samples.
+    assert seam["fid_sets"] != plain["fid_sets"]
+    tuned = result["training"]["coarse 16 seam to 32 at 0.5"]
+    assert tuned["steps"] == max(1, cfg.train.steps // 4) and not tuned["cached"]
+    assert result["summary"]["c2f_seam"] == result["recommended"]["seam"]
 
 
 @pytest.mark.integration
