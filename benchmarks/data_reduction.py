@@ -77,9 +77,11 @@ class DataReductionConfig:
 
     out: str = str(RESULTS_DIR)
     stages: Stages = field(default_factory=Stages)
-    model: ModelSection = ModelSection(name="dit-xs", width=64)
-    train: TrainConfig = TrainConfig(steps=3200, batch_size=128, lr=1e-3, ema_decay=0.995)
-    eval_every: int = 200
+    model: ModelSection = ModelSection(name="unet-s", width=16)
+    train: TrainConfig = TrainConfig(
+        steps=3000, batch_size=128, lr=2e-3, warmup_steps=30, ema_decay=0.99
+    )
+    eval_every: int = 500
     fractions: tuple[float, ...] = (0.5, 0.25)
     criteria: tuple[str, ...] = ()
     proxy_criteria: tuple[str, ...] = DEFAULT_PROXY_CRITERIA

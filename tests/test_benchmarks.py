@@ -335,6 +335,8 @@ def test_coarse_to_fine_rows_follow_from_their_measurements(tiny_run):
         assert row["bound_ratio"] == pytest.approx(row["speedup"] / row["flop_bound"], rel=1e-12)
         assert len(row["fid_sets"]) == cfg.seed_sets
         assert row["fid"] == pytest.approx(statistics.mean(row["fid_sets"]), rel=1e-12)
+        loop_share = pair["solver_loop_s"] / row["seconds_median"]
+        assert row["solver_share"] == pytest.approx(loop_share, rel=1e-12) and loop_share > 0
     assert pair["large_only"]["flop_bound"] == 1.0 and pair["large_only"]["fid_ratio"] == 1.0
     assert pair["large_only"]["speedup_rounds"] == [1.0] * rounds
     # The small model alone: fine / coarse FLOPs per evaluation, every evaluation coarse.
